@@ -1,0 +1,49 @@
+"""Entry point for `ray job submit -- python jobs/train.py`: the same flags as `unet-ray train`.
+
+ray job submit --working-dir . -- python jobs/train.py --data s3://bucket/dsb2018 --workers 4 --gpu
+python jobs/train.py --smoke-test        # tiny, CPU, seconds to a minute, local Ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+
+from unet_ray.cli import add_train_arguments, config_from_args
+
+SMOKE_TEST_FLAGS = {
+    "epochs": 1,
+    "batch_size": 2,
+    "image_size": 64,
+    "synth_count": 6,
+    "workers": 1,
+    "val_fraction": 0.34,
+}
+
+
+def main(argv=None) -> int:
+    import ray
+
+    from unet_ray.train import run_training
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_train_arguments(parser)
+    parser.add_argument("--smoke-test", action="store_true", help="tiny synthetic run on CPU")
+    args = parser.parse_args(argv)
+    if args.smoke_test:
+        for name, value in SMOKE_TEST_FLAGS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        if args.output is None:
+            args.output = tempfile.mkdtemp(prefix="unet_ray_smoke_")
+    config = config_from_args(args)
+    ray.init()  # RAY_ADDRESS (set by `ray job submit`) selects the cluster; else local Ray
+    result = run_training(config)
+    print(json.dumps({"best_checkpoint": result.best_checkpoint, **result.metrics}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Entry point for `ray job submit -- python jobs/tune.py`: the same flags as `unet-ray tune`.
+
+ray job submit --working-dir . -- python jobs/tune.py --data s3://bucket/dsb2018 --num-samples 16 --gpu
+python jobs/tune.py --smoke-test        # 2 tiny trials on CPU, local Ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+
+from unet_ray.cli import add_train_arguments, add_tune_arguments, config_from_args
+
+SMOKE_TEST_FLAGS = {
+    "num_samples": 2,
+    "max_epochs": 1,
+    "image_size": 64,
+    "synth_count": 6,
+    "workers": 1,
+    "val_fraction": 0.34,
+}
+
+
+def main(argv=None) -> int:
+    import ray
+
+    from unet_ray.tune import run_tuning, tune_config_from_args
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_train_arguments(parser)
+    add_tune_arguments(parser)
+    parser.add_argument("--smoke-test", action="store_true", help="two tiny trials on CPU")
+    args = parser.parse_args(argv)
+    if args.smoke_test:
+        for name, value in SMOKE_TEST_FLAGS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        if args.output is None:
+            args.output = tempfile.mkdtemp(prefix="unet_ray_tune_smoke_")
+    config = tune_config_from_args(args, config_from_args(args))
+    ray.init()  # RAY_ADDRESS (set by `ray job submit`) selects the cluster; else local Ray
+    summary = run_tuning(config)
+    print(summary.table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

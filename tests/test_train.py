@@ -1,0 +1,199 @@
+"""Ray Train integration: DDP training, outputs, overfitting, fault tolerance, resume, S3."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from unet_ray import io
+from unet_ray.checkpoint import load_model
+from unet_ray.config import Config
+from unet_ray.data import prepare_dataset
+from unet_ray.train import run_training
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+TILE = 64
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, synth_root, tmp_path_factory) -> str:
+    output = str(tmp_path_factory.mktemp("prepared"))
+    prepare_dataset(str(synth_root), output, tile_size=TILE, val_fraction=0.25, seed=0)
+    return output
+
+
+def make_config(prepared: str, output, **train) -> Config:
+    values = {
+        "data": {
+            "source": prepared,
+            "tile_size": TILE,
+            "image_size": TILE,
+            "elastic_probability": 0.0,
+        },
+        "train": {
+            "output": str(output),
+            "epochs": 2,
+            "batch_size": 4,
+            "workers": 2,
+            "scheduler": "constant",
+            "max_lr": 0.05,
+            **train,
+        },
+    }
+    return Config.from_dict(values)
+
+
+def read_metrics(output) -> list[dict[str, str]]:
+    with open(Path(output) / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_two_workers_two_epochs_write_outputs_and_loss_falls(prepared, tmp_path):
+    result = run_training(make_config(prepared, tmp_path))
+    rows = read_metrics(tmp_path)
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    # validation is aggregated over both workers: every validation tile is counted once
+    val_tiles = io_val_tiles(prepared)
+    assert all(int(row["val_images"]) == val_tiles for row in rows)
+    model, info = load_model(result.best_checkpoint)
+    assert info["metrics"]["val_pixel_f1"] == max(float(row["val_pixel_f1"]) for row in rows)
+    assert not model.training
+
+
+def io_val_tiles(prepared: str) -> int:
+    from unet_ray.data import read_dataset_info
+
+    return read_dataset_info(prepared)["val"]["tiles"]
+
+
+@pytest.mark.slow
+def test_tiny_overfit_reaches_high_validation_dice(ray_local, tmp_path):
+    from unet_ray.synth import write_synthetic_dataset
+
+    raw = tmp_path / "raw"
+    write_synthetic_dataset(raw, count=8, seed=3, min_side=64, max_side=64)
+    config = Config.from_dict(
+        {
+            "data": {
+                "source": str(raw),
+                "tile_size": TILE,
+                "image_size": TILE,
+                "val_fraction": 0.25,
+                "elastic_probability": 0.0,
+                "augment": False,
+            },
+            "train": {
+                "output": str(tmp_path / "run"),
+                "epochs": 12,
+                "batch_size": 2,
+                "workers": 1,
+                "scheduler": "constant",
+                "max_lr": 0.05,
+            },
+        }
+    )
+    result = run_training(config)
+    assert result.metrics["val_pixel_f1"] > 0.9, result.history
+
+
+def test_killed_worker_resumes_from_latest_checkpoint(prepared, tmp_path):
+    marker = tmp_path / "killed"
+    config = make_config(prepared, tmp_path / "run", epochs=3, max_failures=1)
+    result = run_training(config, fault_injection={"epoch": 2, "marker": str(marker)})
+    assert marker.exists()  # a worker really died at the start of epoch 2
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    latest = _latest_state(tmp_path / "run")
+    assert latest["run_starts"] == [0, 1]  # restarted once, from epoch 1's checkpoint, not epoch 0
+
+
+def _latest_state(output: Path) -> dict:
+    import torch
+
+    checkpoints = sorted(
+        (output / "ray_train").glob("checkpoint_*"), key=lambda path: path.stat().st_mtime
+    )
+    return torch.load(checkpoints[-1] / "training_state.pt", weights_only=True)
+
+
+def test_rerun_after_driver_is_killed_resumes(prepared, tmp_path, ray_local):
+    output = tmp_path / "run"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    command = [
+        sys.executable,
+        str(REPO / "jobs" / "train.py"),
+        "--data",
+        prepared,
+        "--output",
+        str(output),
+        "--image-size",
+        str(TILE),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+        "--scheduler",
+        "constant",
+        "--max-lr",
+        "0.05",
+        "--elastic-probability",
+        "0",
+    ]
+    driver = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        _wait_for(lambda: (output / "metrics.csv").exists() and len(read_metrics(output)) >= 1, 300)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-run, like a closed laptop
+        driver.wait()
+    finished_before = len(read_metrics(output))
+    assert finished_before < 3
+    time.sleep(2)  # let Ray notice the dead driver and release its workers
+    result = run_training(make_config(prepared, output, epochs=3, workers=1))
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert _latest_state(output)["run_starts"][-1] >= 1  # the rerun did not start again at epoch 0
+
+
+def _wait_for(condition, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(1)
+    raise TimeoutError(f"condition not met in {seconds} s")
+
+
+def test_checkpoints_on_s3_and_resume(prepared, s3_bucket, tmp_path):
+    output = f"s3://{s3_bucket}/runs/unet"
+    run_training(make_config(prepared, output, epochs=1, workers=1))
+    assert io.exists(f"{output}/metrics.csv")
+    assert io.exists(f"{output}/best/model.pt")
+    model, info = load_model(f"{output}/best")
+    assert info["metrics"]["epoch"] == 1
+    result = run_training(make_config(prepared, output, epochs=2, workers=1))
+    assert [row["epoch"] for row in result.history] == [1, 2]  # epoch 1 was not trained again
+
+
+def test_evaluate_prints_documented_metrics(prepared, tmp_path, capsys):
+    import json
+
+    from unet_ray.cli import main
+
+    run_training(make_config(prepared, tmp_path, epochs=1, workers=1))
+    assert main(["evaluate", str(tmp_path / "best"), prepared]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    for key in ("pixel_f1", "pixel_iou", "dsb_score", "f1_50"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["n_images"] == io_val_tiles(prepared)
+    assert metrics["pixel_iou"] <= metrics["pixel_f1"]  # IoU never exceeds Dice

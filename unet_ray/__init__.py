@@ -1,0 +1,1 @@
+"""unet_ray: VGG16_bn U-Net nucleus segmentation on Ray."""

@@ -1,0 +1,65 @@
+"""Checkpoint folders: ``model.pt`` (a state_dict) + ``config.json``; they load without Ray."""
+
+from __future__ import annotations
+
+import io as _bytes_io
+import json
+from typing import Any
+
+import torch
+
+from unet_ray import io
+from unet_ray.config import Config
+
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+FORMAT = "unet_ray.checkpoint/1"
+
+
+def save_checkpoint(
+    directory: str, model: torch.nn.Module, config: dict[str, Any], metrics: dict[str, Any]
+) -> None:
+    """Write ``model.pt`` and ``config.json`` into ``directory`` (local path or s3://), each whole."""
+    io.make_dirs(directory)
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    buffer = _bytes_io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    io.write_bytes_atomic(io.join_uri(directory, MODEL_FILE), buffer.getvalue())
+    info = {"format": FORMAT, "config": config, "metrics": metrics}
+    io.write_bytes_atomic(
+        io.join_uri(directory, CONFIG_FILE), json.dumps(info, indent=2, default=float).encode()
+    )
+
+
+def read_checkpoint_info(directory: str) -> dict[str, Any]:
+    """The parsed ``config.json`` of a checkpoint folder; a clear error when it is not one."""
+    config_uri = io.join_uri(directory, CONFIG_FILE)
+    if not io.exists(config_uri) or not io.exists(io.join_uri(directory, MODEL_FILE)):
+        raise FileNotFoundError(
+            f"{directory} is not a unet_ray checkpoint: expected {MODEL_FILE} and {CONFIG_FILE} in it"
+        )
+    try:
+        return json.loads(io.read_bytes(config_uri))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_uri} is not valid JSON: {error}") from error
+
+
+def load_model(directory: str, device: str | torch.device = "cpu"):
+    """Rebuild the model of a checkpoint folder in eval mode; returns ``(model, info)``.
+
+    Encoder weights come from the checkpoint itself, so no encoder file is consulted.
+    """
+    from unet_ray.model import UNetVGG16BN
+
+    info = read_checkpoint_info(directory)
+    config = Config.from_dict(info.get("config", {}))
+    model_uri = io.join_uri(directory, MODEL_FILE)
+    try:
+        state = torch.load(
+            _bytes_io.BytesIO(io.read_bytes(model_uri)), map_location="cpu", weights_only=True
+        )
+    except Exception as error:  # torch raises several types for corrupt files
+        raise ValueError(f"{model_uri} is not a readable PyTorch state_dict: {error}") from error
+    model = UNetVGG16BN(decoder_batchnorm=config.model.decoder_batchnorm)
+    model.load_state_dict(state)
+    return model.to(device).eval(), info

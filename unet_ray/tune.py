@@ -1,0 +1,305 @@
+"""Hyperparameter search on Ray Tune: each trial is a Ray Train run; Optuna TPE + ASHA on val F1."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io as _bytes_io
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from unet_ray import io
+from unet_ray.checkpoint import CONFIG_FILE, MODEL_FILE
+from unet_ray.config import Config
+from unet_ray.train import BEST_DIR, SCORE_METRIC, build_trainer, resolve_training_data
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENT_NAME = "ray_tune"  # Tune's experiment folder under OUTPUT; same OUTPUT -> restore
+TRIALS_DIR = "trials"  # OUTPUT/trials/<trial_id>/: each trial's own train outputs
+TRIALS_CSV = "trials.csv"
+TRIALS_PNG = "trials.png"
+BEST_YAML = "best.yaml"
+TRIAL_DATA_CPUS = 1  # CPU left free per trial for its Ray Data pipeline (read + augment)
+# (search-space key, config section, field)
+SEARCH_KEYS = (
+    ("scheduler", "train", "scheduler"),
+    ("max_lr", "train", "max_lr"),
+    ("batch_size", "train", "batch_size"),
+    ("loss", "train", "loss"),
+    ("decoder_batchnorm", "model", "decoder_batchnorm"),
+    ("elastic_probability", "data", "elastic_probability"),
+)
+
+
+@dataclass
+class TuneSummary:
+    output: str
+    rows: list[dict[str, Any]]  # one per trial, best validation F1 first
+    table: str  # the same as a markdown table
+    best_config: Config
+
+
+def tune_config_from_args(args: argparse.Namespace, config: Config) -> Config:
+    """Apply `unet-ray tune`'s own flags; the train flags were applied by ``config_from_args``."""
+    values = config.to_dict()
+    if getattr(args, "output", None) is None and getattr(args, "config", None) is None:
+        values["train"]["output"] = "runs/tune"
+    for attribute, field_name in (
+        ("num_samples", "num_samples"),
+        ("max_epochs", "max_epochs"),
+        ("max_concurrent", "max_concurrent"),
+    ):
+        if getattr(args, attribute, None) is not None:
+            values["tune"][field_name] = getattr(args, attribute)
+    return Config.from_dict(values)
+
+
+def build_search_space(config: Config) -> dict[str, Any]:
+    """Scheduler and batch size from lists, max lr log-uniform; loss, decoder batch-norm and
+    elastic probability join the search when their lists in the `tune` section are not empty."""
+    from ray import tune
+
+    search = config.tune
+    space: dict[str, Any] = {
+        "scheduler": tune.choice(list(search.schedulers)),
+        "max_lr": tune.loguniform(search.max_lr_min, search.max_lr_max),
+        "batch_size": tune.choice(list(search.batch_sizes)),
+    }
+    for key, values in (
+        ("loss", search.losses),
+        ("decoder_batchnorm", search.decoder_batchnorm),
+        ("elastic_probability", search.elastic_probabilities),
+    ):
+        if values:
+            space[key] = tune.choice(list(values))
+    return space
+
+
+def trial_config(base: dict[str, Any], sampled: dict[str, Any], output: str) -> Config:
+    """The full config of one trial: the base with the sampled values and the trial's output."""
+    values = copy.deepcopy(base)
+    for key, section, field_name in SEARCH_KEYS:
+        if key in sampled:
+            values[section][field_name] = sampled[key]
+    values["train"]["output"] = output
+    values["train"]["epochs"] = values["tune"]["max_epochs"]
+    return Config.from_dict(values)
+
+
+def run_trial(trial: dict[str, Any]) -> None:
+    """Tune's function trainable: one Ray Train run, reporting every epoch through the callback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    output = io.join_uri(trial["output"], TRIALS_DIR, trial_id)
+    config = trial_config(trial["base"], trial["sampled"], output)
+    io.make_dirs(output)
+    result = build_trainer(config, trial["prepared"], callbacks=[TuneReportCallback()]).fit()
+    if result.error is not None:
+        raise RuntimeError(f"trial {trial_id} failed: {result.error}") from result.error
+
+
+def max_concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
+    """Trials that fit at once: each needs its Train workers' CPUs/GPUs plus one CPU for data."""
+    if config.tune.max_concurrent > 0:
+        return config.tune.max_concurrent
+    train = config.train
+    cpus_per_trial = train.workers * train.cpus_per_worker + TRIAL_DATA_CPUS
+    fits = int(cluster.get("CPU", 1) // cpus_per_trial)
+    if train.use_gpu:
+        fits = min(fits, int(cluster.get("GPU", 0) // train.workers))
+    if fits < 1:
+        raise ValueError(
+            f"one trial needs {cpus_per_trial} CPUs"
+            + (f" and {train.workers} GPUs" if train.use_gpu else "")
+            + f" but the cluster has {cluster}; lower --workers"
+        )
+    return fits
+
+
+def build_tuner(config: Config, prepared: str):
+    """A new Tuner, or the interrupted one restored when OUTPUT already holds this experiment."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    output = config.train.output
+    filesystem, storage_path = io.resolve_filesystem(output)
+    storage_filesystem = filesystem if io.is_s3(output) else None
+    trainable = tune.with_resources(run_trial, {"CPU": 0})  # the trial's driver only waits
+    experiment_path = f"{storage_path.rstrip('/')}/{EXPERIMENT_NAME}"
+    if tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_filesystem):
+        logger.info("resuming the interrupted search in %s", experiment_path)
+        return tune.Tuner.restore(
+            experiment_path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=storage_filesystem,
+        )
+    concurrent = max_concurrent_trials(config, ray.cluster_resources())
+    logger.info("searching %d trials, %d at a time", config.tune.num_samples, concurrent)
+    return tune.Tuner(
+        trainable,
+        param_space={
+            "sampled": build_search_space(config),
+            "base": config.to_dict(),
+            "output": output,
+            "prepared": prepared,
+        },
+        tune_config=tune.TuneConfig(
+            search_alg=OptunaSearch(metric=SCORE_METRIC, mode="max", seed=config.tune.seed),
+            scheduler=ASHAScheduler(
+                time_attr="training_iteration",
+                metric=SCORE_METRIC,
+                mode="max",
+                max_t=config.tune.max_epochs,
+                grace_period=config.tune.grace_period,
+                reduction_factor=config.tune.reduction_factor,
+            ),
+            num_samples=config.tune.num_samples,
+            max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT_NAME,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
+    )
+
+
+def run_tuning(config: Config) -> TuneSummary:
+    """Prepare the data once, run (or resume) the search, write the tables, plot and best config."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    io.make_dirs(config.train.output)
+    prepared = resolve_training_data(config)
+    results = build_tuner(config, prepared).fit()
+    rows = summarise_trials(results, config.tune.max_epochs)
+    if not rows or rows[0]["best_val_pixel_f1"] is None:
+        raise RuntimeError(f"no trial of the search in {config.train.output} reported a result")
+    return write_tune_outputs(config, prepared, rows, results)
+
+
+def summarise_trials(results, max_epochs: int) -> list[dict[str, Any]]:
+    """One row per trial (sampled values, best and last validation F1, epochs), best first."""
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        scores = (
+            [] if history is None or SCORE_METRIC not in history else list(history[SCORE_METRIC])
+        )
+        sampled = result.config["sampled"]
+        rows.append(
+            {
+                "trial_id": _trial_id(result),
+                **{key: sampled.get(key) for key, _, _ in SEARCH_KEYS if key in sampled},
+                "best_val_pixel_f1": max(scores) if scores else None,
+                "last_val_pixel_f1": scores[-1] if scores else None,
+                "epochs": len(scores),
+                "stopped_early": bool(scores) and len(scores) < max_epochs and result.error is None,
+                "error": "" if result.error is None else str(result.error).splitlines()[0][:200],
+                "curve": scores,
+            }
+        )
+    rows.sort(
+        key=lambda row: -1.0 if row["best_val_pixel_f1"] is None else row["best_val_pixel_f1"],
+        reverse=True,
+    )
+    return rows
+
+
+def _trial_id(result) -> str:
+    return str(result.metrics.get("trial_id") or result.path.rstrip("/").split("/")[-1])
+
+
+def write_tune_outputs(config: Config, prepared: str, rows, results) -> TuneSummary:
+    output = config.train.output
+    best = rows[0]
+    best_config = trial_config(config.to_dict(), best, io.join_uri(output, "best_run"))
+    best_config.data.source = prepared
+    io.write_bytes_atomic(
+        io.join_uri(output, BEST_YAML),
+        yaml.safe_dump(best_config.to_dict(), sort_keys=False).encode(),
+    )
+    io.write_bytes_atomic(io.join_uri(output, TRIALS_CSV), trials_csv(rows).encode())
+    io.write_bytes_atomic(io.join_uri(output, TRIALS_PNG), plot_trials(rows))
+    trial_best = io.join_uri(output, TRIALS_DIR, best["trial_id"], BEST_DIR)
+    for name in (MODEL_FILE, CONFIG_FILE):
+        io.write_bytes_atomic(
+            io.join_uri(output, BEST_DIR, name), io.read_bytes(io.join_uri(trial_best, name))
+        )
+    return TuneSummary(output=output, rows=rows, table=trials_table(rows), best_config=best_config)
+
+
+TABLE_COLUMNS = (
+    "trial_id",
+    "scheduler",
+    "max_lr",
+    "batch_size",
+    "best_val_pixel_f1",
+    "last_val_pixel_f1",
+    "epochs",
+    "stopped_early",
+)
+
+
+def _columns(rows) -> list[str]:
+    extra = [key for key, _, _ in SEARCH_KEYS[3:] if key in rows[0]]
+    return [*TABLE_COLUMNS[:4], *extra, *TABLE_COLUMNS[4:], "error"]
+
+
+def trials_csv(rows) -> str:
+    text = _bytes_io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=_columns(rows), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def trials_table(rows) -> str:
+    columns = _columns(rows)[:-1]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_format_cell(row.get(column)) for column in columns) + " |")
+    return "\n".join(lines)
+
+
+def _format_cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def plot_trials(rows) -> bytes:
+    """Each trial's validation F1 against epochs, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        if row["curve"]:
+            label = f"{row['trial_id']}: {row.get('scheduler')}, lr {row.get('max_lr', math.nan):.3g}, bs {row.get('batch_size')}"
+            axes.plot(range(1, len(row["curve"]) + 1), row["curve"], "o-", label=label)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("validation pixel F1")
+    axes.set_ylim(0, 1)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    buffer = _bytes_io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
