@@ -32,6 +32,7 @@ METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
 TENSORBOARD_DIR = "tensorboard"
 SCORE_METRIC = "val_pixel_f1"
+SHUFFLE_BATCHES = 4  # training tiles are shuffled within a buffer of this many batches
 # Fault injection for tests and drills: the last rank dies (os._exit) at the start of this epoch
 # (1-based), once: the marker file records that it already happened.
 FAIL_AT_EPOCH_ENV = "UNET_RAY_FAIL_AT_EPOCH"
@@ -161,9 +162,13 @@ def train_one_epoch(
     """One pass over this worker's shard (augmented anew by Ray Data); returns mean loss and last lr."""
     model.train()
     total_loss, batches, lr = 0.0, 0, config.train.max_lr
-    for step, batch in enumerate(
-        shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=False)
-    ):
+    batches_of_shard = shard.iter_torch_batches(
+        batch_size=batch_size,
+        device=device,
+        drop_last=False,
+        local_shuffle_buffer_size=SHUFFLE_BATCHES * batch_size,
+    )
+    for step, batch in enumerate(batches_of_shard):
         lr = learning_rate(
             config.train.scheduler,
             epoch + min(step / steps_per_epoch, 1.0),
