@@ -378,12 +378,15 @@ def _decode_tiff(data: bytes, name: str) -> np.ndarray:
 
 
 def _to_channels_last(array: np.ndarray, name: str) -> np.ndarray:
-    """Squeeze singleton axes; return (H, W) or (H, W, C) with C in 1..4."""
+    """Squeeze singleton axes beyond (H, W, C); return (H, W) or (H, W, C) with C in 1..4.
+
+    Only extra leading axes are squeezed, so a 1x1 or 1xW RGB image keeps its height axis.
+    """
     array = np.asarray(array)
-    if array.ndim > 2:
-        array = array.reshape(
-            [size for size in array.shape[:-2] if size != 1] + list(array.shape[-2:])
-        )
+    while array.ndim > 3 and 1 in array.shape[:-2]:
+        leading = array.shape[:-2]
+        drop = leading.index(1)
+        array = array.reshape(leading[:drop] + leading[drop + 1 :] + array.shape[-2:])
     if array.ndim == 3 and array.shape[2] > 4 and array.shape[0] <= 4:
         array = np.moveaxis(array, 0, -1)
     if array.ndim == 3 and array.shape[2] == 1:

@@ -56,7 +56,8 @@ class TrainResult:
     output: str
     best_checkpoint: str  # OUTPUT/best: a plain folder that loads without Ray
     metrics: dict[str, Any]  # the best epoch's metrics
-    history: list[dict[str, Any]]
+    history: list[dict[str, Any]]  # one row per epoch, as in metrics.csv
+    run_starts: list[int]  # epoch each (re)start of the workers began at: [0] for one clean run
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -518,15 +519,20 @@ def collect_result(output: str, result) -> TrainResult:
     its epoch history (from the latest checkpoint)."""
     best_uri = io.join_uri(output, BEST_DIR)
     best_info = json.loads(io.read_bytes(io.join_uri(best_uri, CONFIG_FILE)))
-    history = _latest_history(result) or []
+    state = _latest_state(result)
     return TrainResult(
-        output=output, best_checkpoint=best_uri, metrics=best_info["metrics"], history=history
+        output=output,
+        best_checkpoint=best_uri,
+        metrics=best_info["metrics"],
+        history=state["history"],
+        run_starts=state["run_starts"],
     )
 
 
-def _latest_history(result) -> list[dict[str, Any]] | None:
+def _latest_state(result) -> dict[str, Any]:
+    """History and restarts, from Ray Train's latest checkpoint of the run."""
     if result.checkpoint is None:
-        return None
+        return {"history": [], "run_starts": []}
     with result.checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-    return state["history"]
+    return {"history": state["history"], "run_starts": state["run_starts"]}

@@ -1,0 +1,229 @@
+"""Segmentation throughput: the reference report's tiling against the default, and 1 vs 2 actors.
+
+python benchmarks/bench_segment.py [--quick]     # prints a markdown table
+
+Same random-weight model (seed 0, eval mode), same machine. Tiling figures time tile extraction,
+inference, stitching and the sigmoid for one image in this process (after a warm-up pass; the
+schemes alternate and each keeps its best of a few repeats, so a busy machine hurts both alike);
+agreement compares each scheme's thresholded mask (0.5) with one whole-image pass of the model.
+Actor figures time the whole Ray Data job (reading, inference, instance labels, five outputs per
+image, actor start and model loading included) on a folder of images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PATCH_SIDE = 448  # synthetic images are mosaics of distinct patches of this side
+QUICK = {"side": 896, "repeats": 2, "actor_images": 4, "actor_side": 448}
+FULL = {"side": 1792, "repeats": 3, "actor_images": 8, "actor_side": 896}
+STYLES = ("fluorescence", "he", "brightfield")
+MODEL_SEED = 0
+MASK_THRESHOLD = 0.5
+NEAR_THRESHOLD = 0.01  # probabilities this close to the threshold are reported as a fraction
+MEGA = 1e6
+
+
+def make_mosaic(side: int, seed: int) -> np.ndarray:
+    """A side x side RGB image of distinct synthetic patches (styles cycle patch by patch)."""
+    from unet_ray.synth import generate_sample
+
+    rng = np.random.default_rng(seed)
+    patches_per_side = -(-side // PATCH_SIDE)
+    rows = []
+    for row in range(patches_per_side):
+        patches = [
+            generate_sample(rng, PATCH_SIDE, PATCH_SIDE, STYLES[(row + column) % len(STYLES)])[0]
+            for column in range(patches_per_side)
+        ]
+        rows.append(np.concatenate(patches, axis=1))
+    return np.ascontiguousarray(np.concatenate(rows, axis=0)[:side, :side])
+
+
+def build_random_model():
+    import torch
+
+    from unet_ray.model import UNetVGG16BN
+
+    torch.manual_seed(MODEL_SEED)
+    return UNetVGG16BN().eval()
+
+
+def time_prediction(image, plan, predict_batch, batch_size) -> tuple[float, np.ndarray]:
+    from unet_ray.segment import predict_probabilities
+
+    started = time.perf_counter()
+    probabilities = predict_probabilities(image, plan, predict_batch, batch_size)
+    return time.perf_counter() - started, probabilities
+
+
+def measure_tiling(side: int, repeats: int) -> dict[str, float]:
+    """Megapixels per second and agreement with whole-image inference for both schemes."""
+    import torch
+
+    from unet_ray.config import SegmentConfig
+    from unet_ray.segment import make_batch_predictor, select_device
+    from unet_ray.tiling import plan_for_scheme, plan_whole_image
+
+    segment = SegmentConfig()
+    device = select_device(use_gpu=torch.cuda.is_available())
+    predict_batch = make_batch_predictor(build_random_model(), device)
+    image = make_mosaic(side, seed=1)
+    megapixels = image.shape[0] * image.shape[1] / MEGA
+    time_prediction(image[:256, :256], plan_whole_image(256, 256), predict_batch, 1)  # warm-up
+    _, whole = time_prediction(image, plan_whole_image(side, side), predict_batch, 1)
+    whole_mask = whole > MASK_THRESHOLD
+    results = {"segment_image_side": side, "segment_device": device}
+    schemes = ("reference", "default")
+    plans = {
+        scheme: plan_for_scheme(side, side, scheme, segment.tile, segment.overlap)
+        for scheme in schemes
+    }
+    best_seconds = dict.fromkeys(schemes, float("inf"))
+    for _ in range(repeats):
+        for scheme in schemes:
+            seconds, probabilities = time_prediction(
+                image, plans[scheme], predict_batch, segment.batch_size
+            )
+            best_seconds[scheme] = min(best_seconds[scheme], seconds)
+            mask = probabilities > MASK_THRESHOLD
+            results[f"segment_agreement_{scheme}"] = float(np.mean(mask == whole_mask))
+            results[f"segment_max_probability_difference_{scheme}"] = float(
+                np.abs(probabilities - whole).max()
+            )
+    for scheme in schemes:
+        results[f"segment_mpix_per_s_{scheme}"] = megapixels / best_seconds[scheme]
+        results[f"segment_cost_{scheme}"] = plans[scheme].computed_pixels_per_output_pixel
+    results["segment_agreement"] = results["segment_agreement_default"]
+    results["segment_speedup_vs_reference_tiling"] = (
+        results["segment_mpix_per_s_default"] / results["segment_mpix_per_s_reference"]
+    )
+    results["segment_foreground_fraction"] = float(whole_mask.mean())
+    # random weights leave many probabilities at the threshold, where any difference flips a pixel
+    results["segment_near_threshold_fraction"] = float(
+        np.mean(np.abs(whole - MASK_THRESHOLD) < NEAR_THRESHOLD)
+    )
+    return results
+
+
+def write_actor_inputs(folder: Path, count: int, side: int) -> float:
+    """``count`` PNG mosaics in ``folder``; their total megapixels."""
+    from unet_ray.io import encode_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        (folder / f"image_{index:02d}.png").write_bytes(
+            encode_png(make_mosaic(side, seed=100 + index))
+        )
+    return count * side * side / MEGA
+
+
+def measure_actors(count: int, side: int) -> dict[str, float]:
+    """Megapixels per second of the whole Ray Data job with 1 and with 2 actors."""
+    import ray
+    import torch
+
+    from unet_ray.checkpoint import save_checkpoint
+    from unet_ray.config import Config, InstanceConfig, SegmentConfig
+    from unet_ray.model import UNetVGG16BN
+    from unet_ray.segment import run_segmentation
+
+    use_gpu = torch.cuda.is_available()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_segment_") as root:
+        torch.manual_seed(MODEL_SEED)
+        checkpoint = os.path.join(root, "checkpoint")
+        save_checkpoint(checkpoint, UNetVGG16BN(), Config().to_dict(), {})
+        megapixels = write_actor_inputs(Path(root) / "images", count, side)
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            ray.init(include_dashboard=False, configure_logging=False)
+        try:
+            for workers in (1, 2):
+                segment = SegmentConfig(workers=workers, use_gpu=use_gpu, overwrite=True)
+                started = time.perf_counter()
+                summary = run_segmentation(
+                    checkpoint,
+                    os.path.join(root, "images"),
+                    os.path.join(root, f"output_{workers}"),
+                    segment,
+                    InstanceConfig(),
+                )
+                seconds = time.perf_counter() - started
+                if summary.ok != count:
+                    raise RuntimeError(f"benchmark job failed: {summary.rows}")
+                name = "1_actor" if workers == 1 else f"{workers}_actors"
+                results[f"segment_mpix_per_s_{name}"] = megapixels / seconds
+                results[f"segment_job_seconds_{name}"] = seconds
+        finally:
+            if started_ray:
+                ray.shutdown()
+    results["segment_job_megapixels"] = megapixels
+    return results
+
+
+def run(quick: bool = True) -> dict[str, float]:
+    """All segmentation figures; ``quick`` uses smaller images (a few minutes on 2 CPU cores)."""
+    sizes = QUICK if quick else FULL
+    results = measure_tiling(sizes["side"], sizes["repeats"])
+    results.update(measure_actors(sizes["actor_images"], sizes["actor_side"]))
+    return results
+
+
+def format_table(results: dict[str, float]) -> str:
+    side = results["segment_image_side"]
+    lines = [
+        f"Segmentation of a {side}x{side} image on {results['segment_device']} "
+        "(random-weight model; agreement = equal mask pixels vs whole-image inference)",
+        "",
+        "| tiling | computed px / output px | megapixels/s | agreement | max prob. diff |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for scheme, title in (
+        ("reference", "reference (128 in 256)"),
+        ("default", "default (512, 32)"),
+    ):
+        lines.append(
+            f"| {title} | {results[f'segment_cost_{scheme}']:.2f} "
+            f"| {results[f'segment_mpix_per_s_{scheme}']:.3f} "
+            f"| {results[f'segment_agreement_{scheme}']:.5f} "
+            f"| {results[f'segment_max_probability_difference_{scheme}']:.4f} |"
+        )
+    lines += [
+        "",
+        f"Default vs reference speed-up: {results['segment_speedup_vs_reference_tiling']:.2f}x; "
+        f"{results['segment_near_threshold_fraction']:.1%} of pixels lie within "
+        f"{NEAR_THRESHOLD} of the mask threshold (random weights)",
+        "",
+        f"| Ray Data job ({results['segment_job_megapixels']:.1f} MP) | megapixels/s | seconds |",
+        "| --- | --- | --- |",
+        f"| 1 actor | {results['segment_mpix_per_s_1_actor']:.3f} "
+        f"| {results['segment_job_seconds_1_actor']:.1f} |",
+        f"| 2 actors | {results['segment_mpix_per_s_2_actors']:.3f} "
+        f"| {results['segment_job_seconds_2_actors']:.1f} |",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller images")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    results = run(quick=args.quick)
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""The segmentation job: tiled vs whole-image inference, one image in process, and the Ray Data job
+over a mixed collection (bad files, a rerun that skips, a real S3 endpoint, a 12-megapixel image)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io as bytes_io
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from unet_ray import io
+from unet_ray.checkpoint import load_model, save_checkpoint
+from unet_ray.config import Config, InstanceConfig, SegmentConfig
+from unet_ray.model import UNetVGG16BN
+from unet_ray.segment import (
+    MANIFEST_COLUMNS,
+    TILED_MASK_AGREEMENT,
+    TILED_MAX_PROBABILITY_DIFFERENCE,
+    SegmentActor,
+    drop_own_outputs,
+    image_stem,
+    list_inputs,
+    make_batch_predictor,
+    predict_probabilities,
+    run_segmentation,
+    triage_inputs,
+    write_manifest,
+)
+from unet_ray.synth import generate_sample
+from unet_ray.tiling import plan_for_scheme, plan_whole_image
+from unet_ray.writers import output_names
+
+MODEL_SEED = 0
+STYLE_CYCLE = ("fluorescence", "he", "brightfield", "he")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A random-weight checkpoint folder in the agreed format."""
+    torch.manual_seed(MODEL_SEED)
+    folder = str(tmp_path_factory.mktemp("checkpoint") / "random")
+    save_checkpoint(folder, UNetVGG16BN(), Config().to_dict(), {})
+    return folder
+
+
+def synthetic_image(height: int, width: int, style: str = "fluorescence", seed: int = 0):
+    return generate_sample(np.random.default_rng(seed), height, width, style)[0]
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    path.write_bytes(io.encode_png(array))
+
+
+def read_manifest(uri: str) -> dict[str, dict[str, str]]:
+    rows = list(csv.DictReader(bytes_io.StringIO(io.read_bytes(uri).decode())))
+    assert rows and list(rows[0]) == list(MANIFEST_COLUMNS)
+    return {Path(row["input"]).name: row for row in rows}
+
+
+def write_good_images(folder: Path) -> list[str]:
+    """Good inputs of several formats, modes and sizes, including a 1x1 image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_png(folder / "rgb.png", synthetic_image(150, 170, "fluorescence", 1))
+    Image.fromarray(synthetic_image(120, 90, "he", 2)).save(folder / "photo.jpg", quality=90)
+    gray16 = synthetic_image(100, 130, "brightfield", 3)[:, :, 0].astype(np.uint16) * 257
+    tifffile.imwrite(folder / "gray16.tif", gray16)
+    rgba = np.dstack([synthetic_image(64, 80, "he", 4), np.full((64, 80), 255, np.uint8)])
+    write_png(folder / "rgba.png", rgba)
+    write_png(folder / "gray.png", synthetic_image(70, 50, "fluorescence", 5)[:, :, 0])
+    write_png(folder / "tiny.png", np.array([[[200, 10, 10]]], dtype=np.uint8))
+    return ["rgb.png", "photo.jpg", "gray16.tif", "rgba.png", "gray.png", "tiny.png"]
+
+
+def write_bad_images(folder: Path) -> dict[str, str]:
+    """Bad inputs with an image suffix, and a word their error message must contain."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good_png = io.encode_png(synthetic_image(80, 80))
+    (folder / "truncated.png").write_bytes(good_png[: len(good_png) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("these are my notes, not an image\n")
+    six_channels = np.zeros((32, 32, 6), dtype=np.uint8)
+    tifffile.imwrite(
+        folder / "six_channels.tif", six_channels, photometric="minisblack", planarconfig="contig"
+    )
+    return {
+        "truncated.png": "truncated",
+        "empty.png": "zero-byte",
+        "notes.png": "not an image",
+        "six_channels.tif": "unsupported",
+    }
+
+
+# ----------------------------------------------------------------------------- without Ray
+
+
+def test_image_stem_drops_only_the_last_suffix():
+    assert image_stem("s3://bucket/slides/case.01.tif") == "case.01"
+    assert image_stem("/data/a b.PNG") == "a b"
+
+
+def mosaic_960() -> np.ndarray:
+    """960 x 960: the default plan's 2 x 2 windows then keep exactly 32 px of context at seams."""
+    patches = [synthetic_image(480, 480, style, seed) for seed, style in enumerate(STYLE_CYCLE)]
+    return np.concatenate(
+        [np.concatenate(patches[:2], axis=1), np.concatenate(patches[2:], axis=1)], axis=0
+    )
+
+
+def test_tiled_default_matches_whole_image_inference(checkpoint):
+    """The default scheme against one whole-image pass of the same random-weight model."""
+    model, _ = load_model(checkpoint)
+    predict_batch = make_batch_predictor(model, "cpu")
+    segment = SegmentConfig()
+    image = mosaic_960()
+    plan = plan_for_scheme(*image.shape[:2], "default", segment.tile, segment.overlap)
+    seams = {spec.rows.window_stop - spec.rows.core_stop for spec in plan.tiles[:1]}
+    assert len(plan.tiles) == 4 and seams == {segment.overlap}  # the tightest context
+    tiled = predict_probabilities(image, plan, predict_batch, segment.batch_size)
+    whole = predict_probabilities(image, plan_whole_image(*image.shape[:2]), predict_batch, 1)
+    difference = float(np.abs(tiled - whole).max())
+    agreement = float(np.mean((tiled > 0.5) == (whole > 0.5)))
+    assert difference <= TILED_MAX_PROBABILITY_DIFFERENCE
+    assert agreement >= TILED_MASK_AGREEMENT
+    assert 0.05 < float(np.mean(whole > 0.5)) < 0.95  # the comparison is not trivial
+
+
+def test_segment_actor_in_process_writes_outputs_and_error_rows(checkpoint, tmp_path):
+    write_good_images(tmp_path / "in")
+    write_bad_images(tmp_path / "in")
+    output = str(tmp_path / "out")
+    actor = SegmentActor(
+        checkpoint,
+        output,
+        dataclasses.asdict(SegmentConfig()),
+        dataclasses.asdict(InstanceConfig()),
+    )
+    uris = np.array([str(tmp_path / "in" / "rgb.png"), str(tmp_path / "in" / "notes.png")])
+    result = actor(batch={"input": uris})
+    assert list(result["status"]) == ["ok", "error"]
+    assert "not an image" in result["message"][1] and "notes.png" in result["message"][1]
+    written = sorted(os.listdir(output))
+    assert written == sorted(output_names("rgb").values())
+    labels = tifffile.imread(os.path.join(output, "rgb.labels.tif"))
+    assert labels.dtype == np.uint32 and labels.shape == (150, 170)
+    assert labels.max() == result["nuclei"][0]
+    features = json.loads(Path(output, "rgb.geojson").read_text())["features"]
+    assert len(features) == labels.max()
+
+
+def test_triage_skips_complete_outputs_and_refuses_name_clashes(tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    for name in output_names("done").values():
+        (output / name).write_bytes(b"x")
+    for name in list(output_names("half").values())[:3]:  # as if killed midway
+        (output / name).write_bytes(b"x")
+    inputs = ["/in/done.png", "/in/half.png", "/in/half.tif", "/in/new.jpg"]
+    to_run, rows = triage_inputs(inputs, str(output), overwrite=False)
+    assert to_run == ["/in/half.png", "/in/new.jpg"]
+    by_input = {row["input"]: row for row in rows}
+    assert by_input["/in/done.png"]["status"] == "skipped"
+    assert by_input["/in/half.tif"]["status"] == "error"
+    assert "/in/half.png" in by_input["/in/half.tif"]["message"]
+    to_run, _ = triage_inputs(inputs, str(output), overwrite=True)
+    assert to_run == ["/in/done.png", "/in/half.png", "/in/new.jpg"]
+
+
+def test_outputs_written_into_the_input_folder_are_not_taken_as_inputs(tmp_path):
+    inputs = [str(tmp_path / name) for name in ("a.png", "a.mask.png", "a.overlay.png")]
+    assert drop_own_outputs(inputs, str(tmp_path), str(tmp_path) + "/") == inputs[:1]
+    assert drop_own_outputs(inputs, str(tmp_path), str(tmp_path / "out")) == inputs
+
+
+def test_manifest_is_sorted_by_input(tmp_path):
+    rows = [
+        {"input": "b", "status": "ok", "message": "", "nuclei": 3, "seconds": 1.0},
+        {"input": "a", "status": "error", "message": "bad", "nuclei": "", "seconds": 0.1},
+    ]
+    write_manifest(rows, str(tmp_path / "manifest.csv"))
+    lines = (tmp_path / "manifest.csv").read_text().splitlines()
+    assert lines == ["input,status,message,nuclei,seconds", "a,error,bad,,0.1", "b,ok,,3,1.0"]
+
+
+def test_list_inputs_takes_a_folder_or_one_file_and_refuses_an_empty_folder(tmp_path):
+    write_good_images(tmp_path)
+    (tmp_path / "readme.txt").write_text("ignored")
+    assert [Path(uri).name for uri in list_inputs(str(tmp_path))] == sorted(
+        ["gray.png", "gray16.tif", "photo.jpg", "rgb.png", "rgba.png", "tiny.png"]
+    )
+    assert list_inputs(str(tmp_path / "rgb.png")) == [str(tmp_path / "rgb.png")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        list_inputs(str(tmp_path / "empty"))
+
+
+def test_run_segmentation_refuses_bad_geometry_and_bad_checkpoints(tmp_path):
+    write_good_images(tmp_path / "in")
+    with pytest.raises(ValueError, match="at most"):
+        run_segmentation(
+            "unused", str(tmp_path / "in"), str(tmp_path / "out"),
+            SegmentConfig(tile=256, overlap=200), InstanceConfig(),
+        )  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="not a unet_ray checkpoint"):
+        run_segmentation(
+            str(tmp_path / "nothing"), str(tmp_path / "in"), str(tmp_path / "out"),
+            SegmentConfig(), InstanceConfig(),
+        )  # fmt: skip
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text(json.dumps({"config": Config().to_dict(), "metrics": {}}))
+    (corrupt / "model.pt").write_bytes(b"not a state dict")
+    with pytest.raises(ValueError, match="model.pt is not a readable"):
+        run_segmentation(
+            str(corrupt), str(tmp_path / "in"), str(tmp_path / "out"),
+            SegmentConfig(), InstanceConfig(),
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()  # nothing written before the checks
+
+
+# ----------------------------------------------------------------------------- with Ray
+
+
+@pytest.mark.ray
+def test_mixed_collection_then_rerun_skips_finished_images(ray_local, checkpoint, tmp_path):
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    good = write_good_images(inputs)
+    bad = write_bad_images(inputs)
+    segment = SegmentConfig(workers=2)
+    summary = run_segmentation(checkpoint, str(inputs), str(output), segment, InstanceConfig())
+    assert (summary.ok, summary.error, summary.skipped) == (len(good), len(bad), 0)
+    assert summary.exit_code == 1
+    manifest = read_manifest(summary.manifest)
+    for name, word in bad.items():
+        assert manifest[name]["status"] == "error"
+        assert word in manifest[name]["message"] and name in manifest[name]["message"]
+        assert not any((output / out).exists() for out in output_names(Path(name).stem).values())
+    for name in good:
+        assert manifest[name]["status"] == "ok"
+        assert all((output / out).exists() for out in output_names(Path(name).stem).values())
+    labels = tifffile.imread(output / "tiny.labels.tif")
+    assert labels.dtype == np.uint32
+    assert labels.shape == (1, 1), "a 1x1 RGB image must keep its shape through io.decode_image"
+    assert tifffile.imread(output / "gray16.labels.tif").shape == (100, 130)
+
+    first_mtime = (output / "rgb.mask.png").stat().st_mtime_ns
+    (output / "photo.overlay.png").unlink()  # as if the job was killed before the last output
+    rerun = run_segmentation(checkpoint, str(inputs), str(output), segment, InstanceConfig())
+    assert (rerun.ok, rerun.error, rerun.skipped) == (1, len(bad), len(good) - 1)
+    manifest = read_manifest(rerun.manifest)
+    assert manifest["photo.jpg"]["status"] == "ok"
+    assert manifest["rgb.png"]["status"] == "skipped"
+    assert manifest["rgb.png"]["nuclei"] != ""  # carried over from the first manifest
+    assert (output / "photo.overlay.png").exists()
+    assert (output / "rgb.mask.png").stat().st_mtime_ns == first_mtime  # not rewritten
+    assert not [name for name in os.listdir(output) if name.endswith(".tmp")]
+
+
+@pytest.mark.ray
+def test_input_from_and_output_to_s3(ray_local, checkpoint, s3_bucket, tmp_path):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    local = tmp_path / "in"
+    write_good_images(local)
+    write_bad_images(local)
+    for name in ("rgb.png", "gray16.tif", "empty.png"):
+        client.put_object(Bucket=s3_bucket, Key=f"slides/{name}", Body=(local / name).read_bytes())
+    output = f"s3://{s3_bucket}/segmented"
+    summary = run_segmentation(
+        checkpoint, f"s3://{s3_bucket}/slides", output, SegmentConfig(), InstanceConfig()
+    )
+    assert (summary.ok, summary.error, summary.exit_code) == (2, 1, 1)
+    listed = client.list_objects_v2(Bucket=s3_bucket, Prefix="segmented/")["Contents"]
+    keys = {entry["Key"].split("/", 1)[1] for entry in listed}
+    expected = {*output_names("rgb").values(), *output_names("gray16").values(), "manifest.csv"}
+    assert keys == expected
+    labels_body = client.get_object(Bucket=s3_bucket, Key="segmented/rgb.labels.tif")["Body"]
+    assert tifffile.imread(bytes_io.BytesIO(labels_body.read())).shape == (150, 170)
+    manifest = read_manifest(summary.manifest)
+    assert manifest["empty.png"]["status"] == "error"
+    assert manifest["rgb.png"]["input"] == f"s3://{s3_bucket}/slides/rgb.png"
+
+    rerun = run_segmentation(
+        checkpoint, f"s3://{s3_bucket}/slides", output, SegmentConfig(), InstanceConfig()
+    )
+    assert (rerun.ok, rerun.skipped, rerun.error) == (0, 2, 1)
+
+
+@pytest.mark.ray
+def test_cli_segment_exit_codes(ray_local, checkpoint, tmp_path):
+    from unet_ray.cli import main
+
+    write_good_images(tmp_path / "in")
+    arguments = ["segment", checkpoint, str(tmp_path / "in"), str(tmp_path / "out")]
+    assert main([*arguments, "--tile", "256", "--overlap", "16", "--batch-size", "2"]) == 0
+    assert read_manifest(str(tmp_path / "out" / "manifest.csv"))["rgb.png"]["status"] == "ok"
+    assert main([*arguments, "--tile", "500"]) == 2  # bad usage, nothing run
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_mixed_collection_with_a_12_megapixel_big_tiff(ray_local, checkpoint, tmp_path):
+    """A 3000 x 4000 image (tiled BigTIFF) beside small good and bad files, on 2 CPU cores."""
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    patch = synthetic_image(500, 500, "he", 21)
+    big = np.tile(patch, (6, 8, 1))  # 3000 x 4000 x 3
+    tifffile.imwrite(inputs / "slide.tif", big, bigtiff=True, tile=(256, 256))
+    del big
+    write_png(inputs / "small.png", synthetic_image(90, 110))
+    write_png(inputs / "tiny.png", np.zeros((1, 1), dtype=np.uint8))
+    (inputs / "truncated.png").write_bytes(io.encode_png(patch)[:500])
+    started = time.perf_counter()
+    summary = run_segmentation(
+        checkpoint, str(inputs), str(output), SegmentConfig(), InstanceConfig()
+    )
+    seconds = time.perf_counter() - started
+    assert (summary.ok, summary.error, summary.exit_code) == (3, 1, 1)
+    labels = tifffile.imread(output / "slide.labels.tif")
+    assert labels.shape == (3000, 4000) and labels.dtype == np.uint32
+    rows = list(csv.DictReader(bytes_io.StringIO((output / "slide.nuclei.csv").read_text())))
+    assert len(rows) == labels.max()
+    print(f"12-megapixel collection segmented in {seconds:.0f} s")
+
+
+@pytest.mark.ray
+def test_job_entry_point_smoke_test(ray_local):
+    """`python jobs/segment.py --smoke-test`, run in this process on the session's Ray."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "segment.py"
+    spec = importlib.util.spec_from_file_location("jobs_segment", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["--smoke-test"]) == 0

@@ -1,0 +1,588 @@
+"""The Ray Data batch-segmentation job: list images, tile, infer in an actor pool, write outputs.
+
+The driver holds only paths: it lists INPUT (a folder, an ``s3://`` prefix or one image file),
+skips images whose five outputs already exist in OUTPUT, and feeds the rest, one row per image,
+to a pool of ``SegmentActor``s (one model each, GPU when asked, else CPU). Each actor reads its
+image itself, cuts it into tiles (``unet_ray.tiling``), runs them through the model a batch of
+tiles at a time while stitching the logits into one float32 map, turns the probabilities into
+instance labels (``unet_ray.instances``) and writes the outputs (``unet_ray.writers``), each file
+whole. Every failure of one image becomes an ``error`` row; the driver writes ``manifest.csv``.
+
+Tiled versus whole-image inference, ``default`` scheme (tile 512, margin 32), measured on CPU in
+float32 with random-weight models (two seeds, eval mode) on synthetic images up to 960 x 960 whose
+seams keep exactly 32 px of context: probabilities differ by at most 0.011 (mean 0.0002) and the
+thresholded masks agree on 99.66-99.81 % of the pixels (random weights leave 15-20 % of pixels
+within 0.01 of the 0.5 threshold, where such a difference flips the mask). The tests assert the bounds
+``TILED_MAX_PROBABILITY_DIFFERENCE`` and ``TILED_MASK_AGREEMENT``. The reference scheme pads each
+128-px core from itself and differs from whole-image inference by up to 0.18 (98.5 % agreement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io as bytes_io
+import logging
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from unet_ray import io
+from unet_ray.config import Config, InstanceConfig, SegmentConfig
+from unet_ray.tiling import TilePlan, check_tile_geometry, plan_for_scheme, predict_tiled
+from unet_ray.writers import OUTPUT_SUFFIXES, encode_outputs, output_names
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_COLUMNS = ("input", "status", "message", "nuclei", "seconds")
+STATUS_OK, STATUS_ERROR, STATUS_SKIPPED = "ok", "error", "skipped"
+MANIFEST_STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_SKIPPED)
+UNKNOWN_NUCLEI = -1  # nuclei count of an error row while it travels through Ray Data
+EXIT_OK, EXIT_FAILED = 0, 1
+PIXEL_SCALE = 255.0  # uint8 image -> network input in [0, 1]
+TILED_MAX_PROBABILITY_DIFFERENCE = 0.02  # measured bound, tiled default vs whole image (see above)
+TILED_MASK_AGREEMENT = 0.995  # measured bound: fraction of equal thresholded mask pixels
+TASKS_IN_FLIGHT_PER_ACTOR = 2  # one image running, one queued: big and small images balance
+TASK_RETRIES = 2  # an image whose actor dies this often more becomes an error row
+ACTOR_START_TIMEOUT_S = 900  # an autoscaling cluster may take minutes to add a (GPU) node
+UNLIMITED = -1
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def select_device(use_gpu: bool) -> str:
+    """``cuda`` when asked for and present, else ``cpu`` (with a warning if a GPU was asked for)."""
+    import torch
+
+    if use_gpu and torch.cuda.is_available():
+        return "cuda"
+    if use_gpu:
+        logger.warning("a GPU was requested but torch sees none: segmenting on the CPU")
+    return "cpu"
+
+
+def make_batch_predictor(model, device: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from uint8 windows (N x h x w x 3) to float32 logits (N x h x w).
+
+    On a GPU the batch runs channels-last under bfloat16 autocast; on the CPU in float32.
+    """
+    import torch
+
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        model = model.to(device, memory_format=torch.channels_last)
+    model.eval()
+
+    def predict_batch(windows: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(np.ascontiguousarray(windows)).to(device)
+        batch = batch.permute(0, 3, 1, 2).float().div_(PIXEL_SCALE)
+        with torch.inference_mode():
+            if on_gpu:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = model(batch)
+            else:
+                logits = model(batch)
+        return logits[:, 0].float().cpu().numpy()
+
+    return predict_batch
+
+
+def sigmoid_in_place(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from logits, reusing the logits' memory (a big image has one such map)."""
+    from scipy.special import expit
+
+    return expit(logits, out=logits)
+
+
+def predict_probabilities(
+    image: np.ndarray,
+    plan: TilePlan,
+    predict_batch: Callable[[np.ndarray], np.ndarray],
+    batch_size: int,
+) -> np.ndarray:
+    """Nucleus probabilities (H x W float32) of an RGB uint8 image, tile batch by tile batch."""
+    return sigmoid_in_place(predict_tiled(image, plan, predict_batch, batch_size))
+
+
+def plan_image(height: int, width: int, segment: SegmentConfig) -> TilePlan:
+    return plan_for_scheme(height, width, segment.scheme, segment.tile, segment.overlap)
+
+
+# ----------------------------------------------------------------------------- one image
+
+
+def image_stem(uri: str) -> str:
+    """The file name without its last suffix: ``s3://b/x/slide.1.tif`` -> ``slide.1``."""
+    return PurePosixPath(str(uri).replace("\\", "/")).stem
+
+
+def manifest_row(
+    uri: str, status: str, message: str = "", nuclei: int | str = "", seconds: float = 0.0
+) -> dict[str, Any]:
+    """One manifest row; ``nuclei`` is blank when unknown (errors)."""
+    return {
+        "input": uri,
+        "status": status,
+        "message": message,
+        "nuclei": nuclei,
+        "seconds": round(seconds, 3),
+    }
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message``, without terminal colour codes."""
+    lines = ANSI_ESCAPE.sub("", str(error)).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def describe_error(error: Exception) -> str:
+    """A one-line message; io's read errors already name the file and the problem."""
+    if isinstance(error, io.ImageReadError):
+        return str(error)
+    return one_line(error)
+
+
+class SegmentActor:
+    """A Ray Data actor: one model, loaded once; each call segments a batch of image URIs."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        output_uri: str,
+        segment: dict[str, Any],
+        instances: dict[str, Any],
+        threads: int = 1,
+    ):
+        import torch
+
+        from unet_ray.checkpoint import load_model
+
+        self.segment = SegmentConfig(**segment)
+        self.instances = InstanceConfig(**instances)
+        self.output_uri = output_uri
+        self.device = select_device(self.segment.use_gpu)
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+        model, _ = load_model(checkpoint, device=self.device)
+        self.predict_batch = make_batch_predictor(model, self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [self.segment_one(str(uri)) for uri in batch["input"]]
+        # every block must have one schema: nuclei travels as int64, UNKNOWN_NUCLEI when blank
+        for row in rows:
+            row["nuclei"] = UNKNOWN_NUCLEI if row["nuclei"] == "" else row["nuclei"]
+        return {column: np.array([row[column] for row in rows]) for column in MANIFEST_COLUMNS}
+
+    def segment_one(self, uri: str) -> dict[str, Any]:
+        """Segment one image and write its outputs; any failure becomes an error row."""
+        started = time.perf_counter()
+        try:
+            nuclei = segment_image_file(
+                uri, self.output_uri, self.predict_batch, self.segment, self.instances
+            )
+        except Exception as error:  # one bad image must never abort the dataset
+            unexpected = not isinstance(error, io.ImageReadError)  # a bad file needs no traceback
+            logger.warning("segmenting %s failed: %s", uri, error, exc_info=unexpected)
+            return manifest_row(
+                uri, STATUS_ERROR, describe_error(error), seconds=time.perf_counter() - started
+            )
+        return manifest_row(uri, STATUS_OK, "", nuclei, time.perf_counter() - started)
+
+
+def segment_image_file(
+    uri: str,
+    output_uri: str,
+    predict_batch: Callable[[np.ndarray], np.ndarray],
+    segment: SegmentConfig,
+    instances: InstanceConfig,
+) -> int:
+    """Read, tile, infer, stitch, label and write the five outputs of one image; nuclei count."""
+    from unet_ray.instances import labels_from_probabilities
+
+    image = io.read_image(uri)
+    plan = plan_image(image.shape[0], image.shape[1], segment)
+    probabilities = predict_probabilities(image, plan, predict_batch, segment.batch_size)
+    mask = probabilities > instances.threshold
+    labels = labels_from_probabilities(
+        probabilities, instances.threshold, instances.min_size, instances.min_distance
+    )
+    del probabilities
+    for name, data in encode_outputs(image, mask, labels, image_stem(uri)).items():
+        io.write_bytes_atomic(io.join_uri(output_uri, name), data)
+    return int(labels.max())
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class SegmentSummary:
+    ok: int
+    error: int
+    skipped: int
+    manifest: str  # URI of manifest.csv
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every image is ok or skipped, 1 when any failed."""
+        return EXIT_FAILED if self.error else EXIT_OK
+
+
+def is_file(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    filesystem, path = io.resolve_filesystem(uri)
+    return filesystem.get_file_info(path).type == pafs.FileType.File
+
+
+def list_inputs(input_uri: str) -> list[str]:
+    """The image URIs of a folder/prefix (not recursive), or ``[input_uri]`` for one image file."""
+    if is_file(input_uri):
+        return [str(input_uri)]
+    found = io.list_files(input_uri, io.IMAGE_SUFFIXES)
+    if not found:
+        raise FileNotFoundError(
+            f"no images ({', '.join(io.IMAGE_SUFFIXES)}) in {input_uri}: give a folder, an "
+            "s3:// prefix or one image file"
+        )
+    return found
+
+
+def drop_own_outputs(inputs: list[str], input_uri: str, output_uri: str) -> list[str]:
+    """When OUTPUT is the INPUT folder, its earlier outputs are not new inputs."""
+    if io.resolve_filesystem(input_uri)[1] != io.resolve_filesystem(output_uri)[1]:
+        return inputs
+    suffixes = tuple(OUTPUT_SUFFIXES.values())
+    return [uri for uri in inputs if not PurePosixPath(uri).name.endswith(suffixes)]
+
+
+def existing_names(output_uri: str) -> set[str]:
+    """Base names of the files already in the output folder (one listing, also on S3)."""
+    return {PurePosixPath(uri).name for uri in io.list_files(output_uri)}
+
+
+def outputs_complete(stem: str, names: set[str]) -> bool:
+    return all(name in names for name in output_names(stem).values())
+
+
+def read_previous_nuclei(manifest_uri: str) -> dict[str, str]:
+    """{input: nuclei} of an earlier manifest, so skipped rows keep their counts."""
+    if not io.exists(manifest_uri):
+        return {}
+    try:
+        text = io.read_bytes(manifest_uri).decode()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return {
+        row["input"]: row.get("nuclei", "")
+        for row in csv.DictReader(bytes_io.StringIO(text))
+        if row.get("status") in (STATUS_OK, STATUS_SKIPPED) and "input" in row
+    }
+
+
+def triage_inputs(
+    inputs: list[str], output_uri: str, overwrite: bool
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Split inputs into those to segment and ready-made rows (skipped, name clashes)."""
+    names = set() if overwrite else existing_names(output_uri)
+    previous = {} if overwrite else read_previous_nuclei(io.join_uri(output_uri, MANIFEST_NAME))
+    owners: dict[str, str] = {}
+    to_run, rows = [], []
+    for uri in inputs:
+        stem = image_stem(uri)
+        if stem in owners:
+            message = (
+                f"its outputs would overwrite those of {owners[stem]} (same name '{stem}' before "
+                f"the suffix); rename one of them"
+            )
+            rows.append(manifest_row(uri, STATUS_ERROR, message))
+            continue
+        owners[stem] = uri
+        if outputs_complete(stem, names):
+            rows.append(
+                manifest_row(uri, STATUS_SKIPPED, "outputs complete", previous.get(uri, ""))
+            )
+        else:
+            to_run.append(uri)
+    return to_run, rows
+
+
+def write_manifest(rows: list[dict[str, Any]], manifest_uri: str) -> None:
+    """``manifest.csv`` sorted by input, written whole."""
+    buffer = bytes_io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(MANIFEST_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda row: row["input"]))
+    io.write_bytes_atomic(manifest_uri, buffer.getvalue().encode())
+
+
+def default_cpus_per_worker(workers: int, use_gpu: bool) -> int:
+    """CPUs per actor: on CPU, an equal share of the cluster (capped at the biggest node)."""
+    import ray
+
+    if use_gpu:
+        return 1
+    total = int(ray.cluster_resources().get("CPU", 1))
+    largest_node = max(
+        (int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
+        default=total,
+    )
+    return max(1, min(largest_node, total // max(1, workers)))
+
+
+@contextmanager
+def job_data_context():
+    """Ray Data settings for this job, restored afterwards.
+
+    A block whose actor died (e.g. out of memory on one huge image) is dropped instead of
+    aborting the dataset, so its image gets an error row and every other image is still written;
+    an actor pool that cannot start (e.g. ``--gpu`` on a cluster without GPUs) fails after
+    ``ACTOR_START_TIMEOUT_S`` instead of waiting forever.
+    """
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    saved = (context.max_errored_blocks, context.wait_for_min_actors_s)
+    context.max_errored_blocks = UNLIMITED
+    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    try:
+        yield context
+    finally:
+        context.max_errored_blocks, context.wait_for_min_actors_s = saved
+
+
+def build_dataset(
+    checkpoint: str,
+    uris: list[str],
+    output_uri: str,
+    segment: SegmentConfig,
+    instances: InstanceConfig,
+    cpus_per_worker: int,
+):
+    """One row per image URI, mapped by a pool of ``SegmentActor``s into manifest rows."""
+    import ray
+
+    items = ray.data.from_items([{"input": uri} for uri in uris], override_num_blocks=len(uris))
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for max_task_retries yet; without it an image that
+        # kills its actor (out of memory) would be retried forever
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return items.map_batches(
+            SegmentActor,
+            fn_constructor_kwargs={
+                "checkpoint": checkpoint,
+                "output_uri": output_uri,
+                "segment": dataclasses.asdict(segment),
+                "instances": dataclasses.asdict(instances),
+                "threads": cpus_per_worker,
+            },
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(
+                size=min(segment.workers, len(uris)),
+                max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR,
+            ),
+            num_cpus=cpus_per_worker,
+            num_gpus=1 if segment.use_gpu else 0,
+            max_task_retries=TASK_RETRIES,
+        )
+
+
+def row_from_dataset(row: dict[str, Any]) -> dict[str, Any]:
+    nuclei = int(row["nuclei"])
+    return manifest_row(
+        str(row["input"]),
+        str(row["status"]),
+        str(row["message"]),
+        "" if nuclei == UNKNOWN_NUCLEI else nuclei,
+        float(row["seconds"]),
+    )
+
+
+def segment_with_ray(
+    checkpoint: str,
+    uris: list[str],
+    output_uri: str,
+    segment: SegmentConfig,
+    instances: InstanceConfig,
+    cpus_per_worker: int,
+) -> list[dict[str, Any]]:
+    """Run the actor pool over ``uris``; one manifest row per URI, in completion order."""
+    import ray
+
+    if segment.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
+        logger.warning(
+            "--gpu given but the Ray cluster has no GPU now: actors wait up to %d s for one",
+            ACTOR_START_TIMEOUT_S,
+        )
+    rows: list[dict[str, Any]] = []
+    stopped = ""
+    with job_data_context():
+        dataset = build_dataset(checkpoint, uris, output_uri, segment, instances, cpus_per_worker)
+        try:
+            for dataset_row in dataset.iter_rows():
+                rows.append(row_from_dataset(dataset_row))
+                logger.info(
+                    "segmented %d/%d: %s %s %s",
+                    len(rows),
+                    len(uris),
+                    rows[-1]["input"],
+                    rows[-1]["status"],
+                    rows[-1]["message"]
+                    or f"({rows[-1]['nuclei']} nuclei, {rows[-1]['seconds']} s)",
+                )
+        except Exception as error:  # the pool could not start or broke: keep what finished
+            logger.error("the segmentation dataset stopped: %s", error)
+            stopped = f"not segmented: the job stopped ({one_line(error)}; see the log)"
+    finished = {row["input"] for row in rows}
+    lost = stopped or "not segmented: its actor died (out of memory?) on every try"
+    rows.extend(manifest_row(uri, STATUS_ERROR, lost) for uri in uris if uri not in finished)
+    return rows
+
+
+def run_segmentation(
+    checkpoint: str,
+    input_uri: str,
+    output_uri: str,
+    segment: SegmentConfig,
+    instances: InstanceConfig,
+    cpus_per_worker: int | None = None,
+) -> SegmentSummary:
+    """Segment every image of ``input_uri`` into ``output_uri``; write ``manifest.csv``.
+
+    Needs a running Ray (``ray.init()``). Images whose five outputs exist are skipped unless
+    ``segment.overwrite``. Bad inputs become error rows; the summary's ``exit_code`` is 1 then.
+    """
+    from unet_ray.checkpoint import load_model
+
+    check_tile_geometry(segment.tile, segment.overlap)
+    if segment.workers < 1 or segment.batch_size < 1:
+        raise ValueError("--workers and --batch-size must be at least 1")
+    load_model(checkpoint)  # fail fast on a missing or corrupt checkpoint, before any actor
+    inputs = drop_own_outputs(list_inputs(input_uri), input_uri, output_uri)
+    io.make_dirs(output_uri)
+    to_run, rows = triage_inputs(inputs, output_uri, segment.overwrite)
+    logger.info(
+        "%d images in %s: %d to segment, %d skipped or refused",
+        len(inputs),
+        input_uri,
+        len(to_run),
+        len(rows),
+    )
+    if to_run:
+        cpus = cpus_per_worker or default_cpus_per_worker(segment.workers, segment.use_gpu)
+        rows += segment_with_ray(checkpoint, to_run, output_uri, segment, instances, cpus)
+    manifest_uri = io.join_uri(output_uri, MANIFEST_NAME)
+    write_manifest(rows, manifest_uri)
+    counts = {status: sum(row["status"] == status for row in rows) for status in MANIFEST_STATUSES}
+    summary = SegmentSummary(
+        counts[STATUS_OK], counts[STATUS_ERROR], counts[STATUS_SKIPPED], manifest_uri, rows
+    )
+    logger.info(
+        "segmentation done: %d ok, %d error, %d skipped; manifest %s",
+        summary.ok,
+        summary.error,
+        summary.skipped,
+        manifest_uri,
+    )
+    return summary
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``unet-ray segment`` and ``jobs/segment.py``."""
+    defaults, instance_defaults = SegmentConfig(), InstanceConfig()
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder (local, s3://)")
+    parser.add_argument("input", metavar="INPUT", help="image folder, s3:// prefix or one image")
+    parser.add_argument("output", metavar="OUTPUT", help="output folder or s3:// prefix")
+    parser.add_argument(
+        "--tile", type=int, default=defaults.tile, help="network input side, multiple of 32"
+    )
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=defaults.overlap,
+        help="context margin kept around each tile's core (pixels per side)",
+    )
+    parser.add_argument(
+        "--scheme",
+        choices=("default", "reference"),
+        default=defaults.scheme,
+        help="reference: the report's 128-px cores reflect-padded to 256 (ignores --tile/--overlap)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="tiles per inference batch"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=defaults.workers, help="inference actors (one model each)"
+    )
+    parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    parser.add_argument(
+        "--cpus-per-worker", type=int, help="CPUs per actor (default: a fair share of the cluster)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="redo images whose outputs are complete"
+    )
+    parser.add_argument("--threshold", type=float, default=instance_defaults.threshold)
+    parser.add_argument("--min-size", type=int, default=instance_defaults.min_size)
+    parser.add_argument("--min-distance", type=int, default=instance_defaults.min_distance)
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[SegmentConfig, InstanceConfig]:
+    """Validated segment and instance configs from parsed flags."""
+    config = Config.from_dict(
+        {
+            "segment": {
+                "tile": args.tile,
+                "overlap": args.overlap,
+                "scheme": args.scheme,
+                "batch_size": args.batch_size,
+                "workers": args.workers,
+                "use_gpu": bool(args.gpu),
+                "overwrite": bool(args.overwrite),
+            },
+            "instances": {
+                "threshold": args.threshold,
+                "min_size": args.min_size,
+                "min_distance": args.min_distance,
+            },
+        }
+    )
+    return config.segment, config.instances
+
+
+def segment_main(args: argparse.Namespace) -> int:
+    """Run ``unet-ray segment`` from parsed flags (starting local Ray if none); exit code."""
+    import ray
+
+    segment, instances = configs_from_args(args)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    summary = run_segmentation(
+        args.checkpoint,
+        args.input,
+        args.output,
+        segment,
+        instances,
+        cpus_per_worker=getattr(args, "cpus_per_worker", None),
+    )
+    print(
+        f"{summary.ok} ok, {summary.error} error, {summary.skipped} skipped; "
+        f"manifest: {summary.manifest}"
+    )
+    return summary.exit_code
