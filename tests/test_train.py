@@ -149,7 +149,8 @@ def test_rerun_after_driver_is_killed_resumes(prepared, tmp_path, ray_local):
     ]
     driver = subprocess.Popen(command, env=env, start_new_session=True)
     try:
-        _wait_for(lambda: (output / "metrics.csv").exists() and len(read_metrics(output)) >= 1, 300)
+        # Ray Train has registered at least one checkpoint once its snapshot file exists
+        _wait_for(lambda: (output / "ray_train" / "checkpoint_manager_snapshot.json").exists(), 300)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-run, like a closed laptop
         driver.wait()

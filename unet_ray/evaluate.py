@@ -9,7 +9,7 @@ import torch
 
 from unet_ray import io
 from unet_ray.checkpoint import load_model
-from unet_ray.config import SIZE_MULTIPLE, Config
+from unet_ray.config import Config
 from unet_ray.instances import labels_from_probabilities
 from unet_ray.metrics import (
     dsb_image_score,
@@ -18,28 +18,18 @@ from unet_ray.metrics import (
     iou_from_counts,
     pixel_counts,
 )
+from unet_ray.segment import make_batch_predictor, predict_probabilities
+from unet_ray.tiling import plan_whole_image
 
 
-def predict_probabilities(model: torch.nn.Module, image: np.ndarray, device="cpu") -> np.ndarray:
-    """Whole-image nucleus probabilities for an RGB uint8 image of any size.
-
-    The image is reflect-padded to the next multiple of 32 (symmetric for tiny images) and the
-    padding is cut off the prediction; padded convolutions make this the exact whole-image result.
-    """
+def predict_whole_image(
+    model: torch.nn.Module, image: np.ndarray, device: str = "cpu"
+) -> np.ndarray:
+    """Whole-image nucleus probabilities (one reflect-padded window) of an RGB uint8 image."""
     height, width = image.shape[:2]
-    pad_height = -height % SIZE_MULTIPLE
-    pad_width = -width % SIZE_MULTIPLE
-    padding = (
-        (pad_height // 2, pad_height - pad_height // 2),
-        (pad_width // 2, pad_width - pad_width // 2),
+    return predict_probabilities(
+        image, plan_whole_image(height, width), make_batch_predictor(model, device), batch_size=1
     )
-    padded = np.pad(image, (*padding, (0, 0)), mode="symmetric")
-    batch = torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1))).float().div_(255)
-    with torch.inference_mode():
-        logits = model(batch[None].to(device))[0, 0].float()
-    probabilities = torch.sigmoid(logits).cpu().numpy()
-    top, left = padding[0][0], padding[1][0]
-    return probabilities[top : top + height, left : left + width]
 
 
 def iterate_samples(data: str, split: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
@@ -82,7 +72,7 @@ def evaluate_checkpoint(
     totals = np.zeros(6, dtype=np.int64)  # pixel tp, fp, fn, instance tp, fp, fn
     scores = []
     for _name, image, truth in iterate_samples(data, split):
-        probabilities = predict_probabilities(model, image, device)
+        probabilities = predict_whole_image(model, image, device)
         predicted = labels_from_probabilities(
             probabilities, instances.threshold, instances.min_size, instances.min_distance
         )

@@ -33,10 +33,13 @@ CURVES_PNG = "curves.png"
 TENSORBOARD_DIR = "tensorboard"
 SCORE_METRIC = "val_pixel_f1"
 SHUFFLE_BATCHES = 4  # training tiles are shuffled within a buffer of this many batches
-# Fault injection for tests and drills: the last rank dies (os._exit) at the start of this epoch
+# Fault injection for tests and drills: the last rank dies (os._exit) early in this epoch
 # (1-based), once: the marker file records that it already happened.
 FAIL_AT_EPOCH_ENV = "UNET_RAY_FAIL_AT_EPOCH"
 FAIL_MARKER_ENV = "UNET_RAY_FAIL_MARKER"
+# The injected crash comes this long into the epoch, like a real one: a worker that dies within
+# Ray Train's health-check interval (2 s) of its last report can take that report with it.
+FAULT_DELAY_S = 6.0
 EPOCH_COLUMNS = (
     "epoch",
     "lr",
@@ -295,8 +298,9 @@ def _maybe_inject_failure(fault: dict[str, Any], epoch: int, rank: int, world_si
     marker = Path(fault["marker"])
     if marker.exists():
         return
-    marker.write_text(f"rank {rank} killed at the start of epoch {epoch + 1}\n")
-    print(f"[unet_ray] fault injection: rank {rank} exits at epoch {epoch + 1}", flush=True)
+    marker.write_text(f"rank {rank} killed early in epoch {epoch + 1}\n")
+    print(f"[unet_ray] fault injection: rank {rank} exits in epoch {epoch + 1}", flush=True)
+    time.sleep(FAULT_DELAY_S)
     os._exit(1)
 
 

@@ -1,0 +1,178 @@
+"""Fast checks of the benchmarks' pure helpers: FLOP counting, target checks, the results table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark_module(name: str):
+    """Import benchmarks/<name>.py (the folder is not a package)."""
+    if str(BENCHMARKS_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS_DIR))
+    spec = importlib.util.spec_from_file_location(
+        f"benchmarks_{name}", BENCHMARKS_DIR / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_flops():
+    return load_benchmark_module("bench_flops")
+
+
+@pytest.fixture(scope="module")
+def bench_train():
+    return load_benchmark_module("bench_train")
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return load_benchmark_module("run")
+
+
+def test_count_flops_of_one_convolution_matches_the_formula(bench_flops):
+    with torch.device("meta"):
+        conv = nn.Conv2d(3, 8, kernel_size=3, padding=1, bias=False)
+    forward = bench_flops.count_flops(conv, (2, 3, 16, 16))
+    assert forward == 2 * 2 * 8 * 3 * 9 * 16 * 16  # 2 FLOPs per multiply-add, per output pixel
+    # backward of a leaf input: only the weight gradient, one more forward's worth
+    assert bench_flops.count_flops(conv, (2, 3, 16, 16), backward=True) == 2 * forward
+
+
+def test_model_flops_scale_with_pixels_and_training_costs_about_three_forwards(bench_flops):
+    forward_64, training_64 = bench_flops.count_model_flops(64)
+    forward_128, _ = bench_flops.count_model_flops(128)
+    assert forward_128 == 4 * forward_64
+    assert 2.5 * forward_64 < training_64 <= 3 * forward_64
+    # the VGG16 encoder alone is ~15.5 GMAC at 224 px; the U-Net at 256 px must exceed it
+    assert forward_64 * 16 > 2 * 15.5e9 * (256 / 224) ** 2
+
+
+def test_matmul_flops_and_images_per_second(bench_flops, bench_train):
+    assert bench_flops.matmul_flops(4) == 128
+    assert bench_train.images_per_second([1.0, 0.5, 9.0], batch=4) == 8.0  # fastest step
+    assert bench_train.images_per_second([1.0, 0.5, 9.0], 4, statistics.median) == 4.0
+    with pytest.raises(ValueError, match="no timed steps"):
+        bench_train.images_per_second([], batch=4)
+
+
+def test_measure_matmul_peak_is_a_positive_rate(bench_flops):
+    peak = bench_flops.measure_matmul_peak(torch.device("cpu"), 64, 2, torch.float32)
+    assert 1e6 < peak < 1e15
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_tiny_batch(bench_train):
+    settings = {
+        **bench_train.benchmark_settings(quick=True, use_gpu=False),
+        "side": 32,
+        "batch": 2,
+    }
+    model, optimizer, loss_function = bench_train.build_training_objects(
+        settings, torch.device("cpu")
+    )
+    images, masks = bench_train.make_random_batches(settings, torch.device("cpu"))[0]
+    losses = [
+        bench_train.train_step(model, optimizer, loss_function, images, masks, settings)
+        for _ in range(4)
+    ]
+    assert losses[-1] < losses[0]
+
+
+def test_compare_rounds_and_turn_order(bench_train):
+    compared = bench_train.compare_rounds(
+        plain_rounds=[[1.0, 2.0, 2.0], [1.0, 1.0, 1.0]],
+        ray_rounds=[[2.0, 2.0, 2.0], [0.5, 1.0, 1.0]],
+        batch=2,
+    )
+    assert compared["plain"] == 2.0 and compared["ray"] == 4.0 and compared["ratio"] == 2.0
+    assert compared["ratio_median"] == pytest.approx((1.0 + 1.0) / 2)  # per-round medians
+    assert compared["plain_median"] == 2.0
+    with pytest.raises(ValueError, match="same, non-zero number of rounds"):
+        bench_train.compare_rounds([[1.0]], [], batch=2)
+    assert bench_train.next_turn("ray", 0) == ("plain", 0)
+    assert bench_train.next_turn("plain", 0) == ("ray", 1)
+
+
+def test_summarise_data_wait(bench_train):
+    summary = bench_train.summarise_data_wait(
+        [3.0, 1.0, 0.0], [1.0, 1.0, 2.0], [True, False, False], batch=2
+    )
+    assert summary["wait_fraction"] == pytest.approx(4.0 / 8.0)
+    assert summary["steady_wait_fraction"] == pytest.approx(1.0 / 4.0)
+    assert summary["images_per_s"] == pytest.approx(6 / 8.0)
+    assert summary["epoch_start_wait_s"] == 3.0
+    with pytest.raises(ValueError, match="non-empty"):
+        bench_train.summarise_data_wait([], [], [], batch=2)
+
+
+def test_targets_and_metric_parts(runner):
+    assert runner.target_met("train_ray_vs_plain", 0.96, has_gpu=False) is True
+    assert runner.target_met("train_data_wait_fraction", 0.2, has_gpu=False) is False
+    assert runner.target_met("train_flops_fraction_of_peak", 0.9, has_gpu=False) is None
+    assert runner.target_met("train_flops_fraction_of_peak", 0.3, has_gpu=True) is False
+    assert runner.target_met("matmul_peak_gflops", 10.0, has_gpu=True) is None
+    assert runner.part_of_metric("train_flops_fraction_of_peak") == "flops"
+    assert runner.part_of_metric("train_data_wait_fraction") == "train"
+    assert {runner.part_of_metric(row[0]) for row in runner.METRICS} == set(runner.PARTS)
+
+
+def test_format_table_marks_targets_and_failed_parts(runner):
+    metrics = {
+        "train_ray_vs_plain": 0.5,
+        "train_data_wait_fraction": 0.01,
+        "augment_images_per_s_per_core": 123.456,
+    }
+    errors = {"segment": "FileNotFoundError: TODO: bench_segment.py | not written\nmore"}
+    table = runner.format_table(metrics, errors, ["train", "augment", "segment"], has_gpu=False)
+    lines = table.splitlines()
+    ray_row = next(line for line in lines if "`train_ray_vs_plain`" in line)
+    assert "| 0.5 | ≥ 0.95 | **no** |" in ray_row
+    wait_row = next(line for line in lines if "`train_data_wait_fraction`" in line)
+    assert "| 0.01 | ≤ 0.05 | yes |" in wait_row
+    assert any("| 123.46 |" in line for line in lines)
+    assert lines[-1].startswith("| segment: error | FileNotFoundError: TODO")
+    assert not any("`segment_agreement`" in line for line in lines)  # a failed part has no rows
+    assert not any("matmul_peak_gflops" in line for line in lines)  # flops part not run
+
+
+def test_build_report_is_json_with_every_figure_at_top_level(runner, tmp_path):
+    machine = {"gpu": None, "cpu": "test CPU"}
+    report = runner.build_report(
+        {"train_ray_vs_plain": 0.97, "train_device": "cpu"},
+        {"segment": "boom"},
+        {"train": 1.0, "segment": 0.1},
+        machine,
+        "quick",
+    )
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(report))
+    loaded = json.loads(path.read_text())
+    assert loaded["train_ray_vs_plain"] == 0.97
+    assert loaded["mode"] == "quick"
+    assert loaded["targets"]["train_ray_vs_plain"]["met"] is True
+    assert loaded["errors"] == {"segment": "boom"}
+    assert loaded["parts"] == ["train", "segment"]
+
+
+def test_load_part_names_a_missing_benchmark(runner):
+    with pytest.raises(FileNotFoundError, match="bench_nothing.py is not written yet"):
+        runner.load_part("nothing")
+
+
+def test_read_cpu_model(runner, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU @ 1GHz\n")
+    assert runner.read_cpu_model(str(cpuinfo)) == "Test CPU @ 1GHz"
+    assert runner.read_cpu_model(str(tmp_path / "missing"))  # falls back to platform's answer
