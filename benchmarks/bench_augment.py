@@ -12,12 +12,11 @@ elastic probability: decode a 256 tile from Parquet bytes, augment, convert to f
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 
 import numpy as np
+from bench_common import standalone_main  # noqa: E402
 
 SIDE = 256
 QUICK_IMAGES = 64
@@ -131,16 +130,9 @@ def format_table(results: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="64 images per setting, not 512")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
-    results = run(quick=args.quick)
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
-    return 0
+    return standalone_main(
+        __doc__.splitlines()[0], run, format_table, "64 images per setting, not 512", argv
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ FLOPs per image. On a GPU the model runs under bf16 autocast with channels_last.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train, when imported from tests
 
 import bench_train  # noqa: E402
+from bench_common import standalone_main  # noqa: E402
 
 REFERENCE_SIDE = 256  # the reported FLOPs are per 256x256 image (the training tile side)
 GIGA = 1e9
@@ -181,15 +180,9 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="128 px, a few steps (CPU)")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
-    results = run(quick=args.quick)
-    print(format_table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+    return standalone_main(
+        __doc__.splitlines()[0], run, format_table, "128 px, a few steps (CPU)", argv
+    )
 
 
 if __name__ == "__main__":

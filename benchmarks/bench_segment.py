@@ -12,8 +12,6 @@ image, actor start and model loading included) on a folder of images.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -21,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_common import standalone_main  # noqa: E402
 
 PATCH_SIDE = 448  # synthetic images are mosaics of distinct patches of this side
 QUICK = {"side": 896, "repeats": 2, "actor_images": 4, "actor_side": 448}
@@ -214,15 +213,7 @@ def format_table(results: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller images")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
-    results = run(quick=args.quick)
-    print(format_table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+    return standalone_main(__doc__.splitlines()[0], run, format_table, "smaller images", argv)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,7 @@ runs with the same number of threads everywhere. On a GPU: bf16 autocast and cha
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -37,6 +35,8 @@ from pathlib import Path
 # In memory: crop side, batch, untimed steps, timed steps per round, rounds. Real pipeline:
 # epochs (the first untimed), synthetic images of synth_side^2 (each gives (synth_side/256)^2
 # tiles), and copies of the training shards (more tiles per epoch without generating more).
+from bench_common import standalone_main  # noqa: E402
+
 SIZES = {
     ("cpu", "quick"): {
         "side": 64,
@@ -665,15 +665,9 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small crops, few steps")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
-    results = run(quick=args.quick)
-    print(format_table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+    return standalone_main(
+        __doc__.splitlines()[0], run, format_table, "small crops, few steps", argv
+    )
 
 
 if __name__ == "__main__":

@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 
-from unet_ray.cli import add_train_arguments, config_from_args
+from unet_ray.cli import add_train_arguments, apply_smoke_test_defaults, config_from_args
 
 SMOKE_TEST_FLAGS = {
     "epochs": 1,
@@ -33,11 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke-test", action="store_true", help="tiny synthetic run on CPU")
     args = parser.parse_args(argv)
     if args.smoke_test:
-        for name, value in SMOKE_TEST_FLAGS.items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-        if args.output is None:
-            args.output = tempfile.mkdtemp(prefix="unet_ray_smoke_")
+        apply_smoke_test_defaults(args, SMOKE_TEST_FLAGS, "unet_ray_smoke_")
     config = config_from_args(args)
     ray.init()  # RAY_ADDRESS (set by `ray job submit`) selects the cluster; else local Ray
     result = run_training(config)

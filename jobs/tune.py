@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 
-from unet_ray.cli import add_train_arguments, add_tune_arguments, config_from_args
+from unet_ray.cli import (
+    add_train_arguments,
+    add_tune_arguments,
+    apply_smoke_test_defaults,
+    config_from_args,
+)
 
 SMOKE_TEST_FLAGS = {
     "num_samples": 2,
@@ -33,11 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke-test", action="store_true", help="two tiny trials on CPU")
     args = parser.parse_args(argv)
     if args.smoke_test:
-        for name, value in SMOKE_TEST_FLAGS.items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-        if args.output is None:
-            args.output = tempfile.mkdtemp(prefix="unet_ray_tune_smoke_")
+        apply_smoke_test_defaults(args, SMOKE_TEST_FLAGS, "unet_ray_tune_smoke_")
     config = tune_config_from_args(args, config_from_args(args))
     ray.init()  # RAY_ADDRESS (set by `ray job submit`) selects the cluster; else local Ray
     summary = run_tuning(config)

@@ -83,6 +83,18 @@ _TRAIN_OVERRIDES = (
 )
 
 
+def apply_smoke_test_defaults(args: argparse.Namespace, defaults: dict, prefix: str) -> None:
+    """For `jobs/*.py --smoke-test`: tiny values for every flag the user left unset, and a fresh
+    temporary output folder unless --output was given."""
+    import tempfile
+
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.output is None:
+        args.output = tempfile.mkdtemp(prefix=prefix)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The --config file (or defaults) with every flag the user gave applied on top, validated."""
     values = load_config(getattr(args, "config", None)).to_dict()
