@@ -34,13 +34,26 @@ def ray_head(tmp_path):
         "RAY_AUTH_MODE": "token",
     }
     env.pop("RAY_ADDRESS", None)
+    # every port explicit and free: the session's own local Ray already holds Ray's default ones
+    ports = [
+        f"--{name}={_free_port()}"
+        for name in (
+            "port",
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+        )
+    ]
+    log = tmp_path / "ray_start.log"
     head = subprocess.Popen(
         [
             str(BIN / "ray"),
             "start",
             "--head",
             "--block",
-            f"--port={_free_port()}",
+            *ports,
             "--num-cpus=2",
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
@@ -48,27 +61,36 @@ def ray_head(tmp_path):
             f"--temp-dir={tmp_path / 'ray'}",
         ],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        _wait_for_dashboard(address, head)
+        _wait_for_dashboard(address, head, log)
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGINT)  # --block shuts down every process it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        _stop(head)
 
 
-def _wait_for_dashboard(address: str, head: subprocess.Popen, seconds: float = 120) -> None:
+def _stop(head: subprocess.Popen) -> None:
+    """SIGINT: `ray start --block` then shuts down every process it started."""
+    if head.poll() is not None:
+        return
+    os.killpg(head.pid, signal.SIGINT)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def _wait_for_dashboard(address: str, head: subprocess.Popen, log: Path, seconds: float = 120):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if head.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.returncode}")
+            raise RuntimeError(
+                f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}"
+            )
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2)
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 from unet_ray import io
 from unet_ray.checkpoint import load_model
+from unet_ray.cli import build_parser, config_from_args, main
 from unet_ray.config import Config
 from unet_ray.data import prepare_dataset
 from unet_ray.train import run_training
@@ -56,7 +58,7 @@ def read_metrics(output) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_two_workers_two_epochs_write_outputs_and_loss_falls(prepared, tmp_path):
+def test_two_workers_two_epochs_write_outputs_and_loss_falls(prepared, tmp_path, capsys):
     result = run_training(make_config(prepared, tmp_path))
     rows = read_metrics(tmp_path)
     assert [row["epoch"] for row in rows] == ["1", "2"]
@@ -69,6 +71,19 @@ def test_two_workers_two_epochs_write_outputs_and_loss_falls(prepared, tmp_path)
     model, info = load_model(result.best_checkpoint)
     assert info["metrics"]["val_pixel_f1"] == max(float(row["val_pixel_f1"]) for row in rows)
     assert not model.training
+    check_evaluate_output(result.best_checkpoint, prepared, capsys)
+
+
+def check_evaluate_output(checkpoint: str, prepared: str, capsys) -> None:
+    """`unet-ray evaluate` prints one JSON object with the documented keys and sane values."""
+    capsys.readouterr()
+    assert main(["evaluate", checkpoint, prepared]) == 0
+    out = capsys.readouterr().out  # Ray may still forward worker log lines: take the JSON block
+    metrics = json.loads(out[out.index("{\n") : out.rindex("\n}") + 2])
+    for key in ("pixel_f1", "pixel_iou", "dsb_score", "f1_50"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["n_images"] == io_val_tiles(prepared)
+    assert metrics["pixel_iou"] <= metrics["pixel_f1"]  # IoU never exceeds Dice
 
 
 def io_val_tiles(prepared: str) -> int:
@@ -115,53 +130,39 @@ def test_tiny_overfit_reaches_high_validation_dice(ray_local, tmp_path):
 
 def test_killed_worker_resumes_from_latest_checkpoint(prepared, tmp_path):
     marker = tmp_path / "killed"
-    config = make_config(prepared, tmp_path / "run", epochs=3, max_failures=1)
+    config = make_config(prepared, tmp_path / "run", epochs=2, max_failures=1)
     result = run_training(config, fault_injection={"epoch": 2, "marker": str(marker)})
-    assert marker.exists()  # a worker really died at the start of epoch 2
-    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert marker.exists()  # a worker really died early in epoch 2
+    assert [row["epoch"] for row in result.history] == [1, 2]
     assert result.run_starts == [0, 1]  # restarted once, from epoch 1's checkpoint, not epoch 0
 
 
-def test_rerun_after_driver_is_killed_resumes(prepared, tmp_path, ray_local):
-    output = tmp_path / "run"
+def test_driver_killed_then_rerun_resumes_from_s3(prepared, s3_bucket, ray_local):
+    """Checkpoints and outputs on a real S3 endpoint; the driver is killed after the first
+    checkpoint; the same command again resumes from S3 instead of starting at epoch 0."""
+    output = f"s3://{s3_bucket}/runs/unet"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    command = [
-        sys.executable,
-        str(REPO / "jobs" / "train.py"),
-        "--data",
-        prepared,
-        "--output",
-        str(output),
-        "--image-size",
-        str(TILE),
-        "--epochs",
-        "3",
-        "--batch-size",
-        "4",
-        "--workers",
-        "1",
-        "--scheduler",
-        "constant",
-        "--max-lr",
-        "0.05",
-        "--elastic-probability",
-        "0",
-    ]
-    driver = subprocess.Popen(command, env=env, start_new_session=True)
-    try:
-        # Ray Train has registered at least one checkpoint once its snapshot file exists
-        _wait_for(lambda: (output / "ray_train" / "checkpoint_manager_snapshot.json").exists(), 300)
+    flags = [
+        "--data", prepared, "--output", output, "--image-size", str(TILE), "--epochs", "2",
+        "--batch-size", "4", "--workers", "1", "--scheduler", "constant", "--max-lr", "0.05",
+        "--elastic-probability", "0",
+    ]  # fmt: skip
+    driver = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "train.py"), *flags], env=env, start_new_session=True
+    )
+    try:  # Ray Train has registered a checkpoint once its snapshot file exists
+        _wait_for(lambda: io.exists(f"{output}/ray_train/checkpoint_manager_snapshot.json"), 300)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-run, like a closed laptop
         driver.wait()
-    finished_before = len(read_metrics(output))
-    assert finished_before < 3
+    assert io.exists(f"{output}/best/model.pt") and io.exists(f"{output}/metrics.csv")
+    model, info = load_model(f"{output}/best")  # loads straight from S3, without Ray
+    assert info["metrics"]["epoch"] == 1
     time.sleep(2)  # let Ray notice the dead driver and release its workers
-    result = run_training(make_config(prepared, output, epochs=3, workers=1))
-    assert [row["epoch"] for row in result.history] == [1, 2, 3]
-    assert (
-        result.run_starts[0] == 0 and result.run_starts[-1] >= 1
-    )  # the rerun did not start again at epoch 0
+    args = build_parser().parse_args(["train", *flags])
+    result = run_training(config_from_args(args))
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    assert result.run_starts == [0, 1]  # the rerun resumed at epoch 1, not at epoch 0
 
 
 def _wait_for(condition, seconds: float) -> None:
@@ -171,30 +172,3 @@ def _wait_for(condition, seconds: float) -> None:
             return
         time.sleep(1)
     raise TimeoutError(f"condition not met in {seconds} s")
-
-
-def test_checkpoints_on_s3_and_resume(prepared, s3_bucket, tmp_path):
-    output = f"s3://{s3_bucket}/runs/unet"
-    run_training(make_config(prepared, output, epochs=1, workers=1))
-    assert io.exists(f"{output}/metrics.csv")
-    assert io.exists(f"{output}/best/model.pt")
-    model, info = load_model(f"{output}/best")
-    assert info["metrics"]["epoch"] == 1
-    result = run_training(make_config(prepared, output, epochs=2, workers=1))
-    assert [row["epoch"] for row in result.history] == [1, 2]  # epoch 1 was not trained again
-
-
-def test_evaluate_prints_documented_metrics(prepared, tmp_path, capsys):
-    import json
-
-    from unet_ray.cli import main
-
-    run_training(make_config(prepared, tmp_path, epochs=1, workers=1))
-    capsys.readouterr()
-    assert main(["evaluate", str(tmp_path / "best"), prepared]) == 0
-    out = capsys.readouterr().out  # Ray may still forward worker log lines: take the JSON block
-    metrics = json.loads(out[out.index("{\n") : out.rindex("\n}") + 2])
-    for key in ("pixel_f1", "pixel_iou", "dsb_score", "f1_50"):
-        assert 0.0 <= metrics[key] <= 1.0
-    assert metrics["n_images"] == io_val_tiles(prepared)
-    assert metrics["pixel_iou"] <= metrics["pixel_f1"]  # IoU never exceeds Dice

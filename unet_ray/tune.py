@@ -26,6 +26,7 @@ TRIALS_CSV = "trials.csv"
 TRIALS_PNG = "trials.png"
 BEST_YAML = "best.yaml"
 TRIAL_DATA_CPUS = 1  # CPU left free per trial for its Ray Data pipeline (read + augment)
+TRIAL_DRIVER_CPUS = 0.01  # the trial function only starts a TorchTrainer and waits (Tune refuses 0)
 # (search-space key, config section, field)
 SEARCH_KEYS = (
     ("scheduler", "train", "scheduler"),
@@ -134,7 +135,7 @@ def build_tuner(config: Config, prepared: str):
     output = config.train.output
     filesystem, storage_path = io.resolve_filesystem(output)
     storage_filesystem = filesystem if io.is_s3(output) else None
-    trainable = tune.with_resources(run_trial, {"CPU": 0})  # the trial's driver only waits
+    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPUS})
     experiment_path = f"{storage_path.rstrip('/')}/{EXPERIMENT_NAME}"
     if tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_filesystem):
         logger.info("resuming the interrupted search in %s", experiment_path)
