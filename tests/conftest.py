@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-RAY_TEST_CPUS = 4  # logical CPUs on a 2-core machine: train workers + Ray Data tasks fit together
+RAY_TEST_CPUS = 8  # logical CPUs on a 2-core machine: train workers, Tune trials and Ray Data fit together
 
 
 def _free_port() -> int:
