@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -47,6 +50,8 @@ def ray_head(tmp_path):
         )
     ]
     log = tmp_path / "ray_start.log"
+    # a short folder: Ray's socket paths under it must stay within AF_UNIX's 107 bytes
+    temp_dir = tempfile.mkdtemp(prefix="rayjob_", dir="/tmp")
     head = subprocess.Popen(
         [
             str(BIN / "ray"),
@@ -58,7 +63,7 @@ def ray_head(tmp_path):
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
-            f"--temp-dir={tmp_path / 'ray'}",
+            f"--temp-dir={temp_dir}",
         ],
         env=env,
         stdout=log.open("w"),
@@ -71,6 +76,7 @@ def ray_head(tmp_path):
         yield address, env
     finally:
         _stop(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _stop(head: subprocess.Popen) -> None:
@@ -93,6 +99,8 @@ def _wait_for_dashboard(address: str, head: subprocess.Popen, log: Path, seconds
             )
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:  # an answer, e.g. 401 without the token: it is up
             return
         except OSError:
             time.sleep(1)
