@@ -23,8 +23,6 @@ SMOKE_TEST_FLAGS = {
 
 
 def main(argv=None) -> int:
-    import ray
-
     from unet_ray.train import run_training
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,7 +32,6 @@ def main(argv=None) -> int:
     if args.smoke_test:
         apply_smoke_test_defaults(args, SMOKE_TEST_FLAGS, "unet_ray_smoke_")
     config = config_from_args(args)
-    ray.init()  # RAY_ADDRESS (set by `ray job submit`) selects the cluster; else local Ray
     result = run_training(config)
     print(json.dumps({"best_checkpoint": result.best_checkpoint, **result.metrics}, indent=2))
     return 0

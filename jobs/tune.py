@@ -27,8 +27,6 @@ SMOKE_TEST_FLAGS = {
 
 
 def main(argv=None) -> int:
-    import ray
-
     from unet_ray.tune import run_tuning, tune_config_from_args
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,7 +37,6 @@ def main(argv=None) -> int:
     if args.smoke_test:
         apply_smoke_test_defaults(args, SMOKE_TEST_FLAGS, "unet_ray_tune_smoke_")
     config = tune_config_from_args(args, config_from_args(args))
-    ray.init()  # RAY_ADDRESS (set by `ray job submit`) selects the cluster; else local Ray
     summary = run_tuning(config)
     print(summary.table)
     return 0

@@ -8,14 +8,14 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
 echo "== 1/5 synthetic DSB2018-layout data -> $out/data/stage1_train"
-"$bin/unet-ray" synth "$out/data/stage1_train" --count 32 --seed 0 --min-side 96 --max-side 320
+"$bin/unet-ray" synth "$out/data/stage1_train" --count 24 --seed 0 --min-side 96 --max-side 320
 
 echo "== 2/5 prepare Parquet tiles (128 px) -> $out/prepared"
 "$bin/unet-ray" prepare "$out/data/stage1_train" "$out/prepared" --tile 128 --val-fraction 0.2
 
 echo "== 3/5 train on Ray Train (2 workers, CPU) -> $out/train"
 "$bin/unet-ray" train --data "$out/prepared" --output "$out/train" --image-size 128 \
-    --epochs 6 --batch-size 8 --workers 2 --max-lr 0.05 --scheduler warm-restart
+    --epochs 4 --batch-size 8 --workers 2 --max-lr 0.05 --scheduler warm-restart
 
 echo "== 4/5 evaluate the best checkpoint on the validation tiles"
 "$bin/unet-ray" evaluate "$out/train/best" "$out/prepared" | tee "$out/evaluate.json"

@@ -134,7 +134,6 @@ def command_train(args: argparse.Namespace) -> int:
     from unet_ray.train import run_training
 
     config = config_from_args(args)
-    _init_ray()
     result = run_training(config)
     print(json.dumps({"best_checkpoint": result.best_checkpoint, **result.metrics}, indent=2))
     print(f"outputs in {result.output}: metrics.csv, curves.png, tensorboard/, best/")
@@ -145,7 +144,6 @@ def command_tune(args: argparse.Namespace) -> int:
     from unet_ray.tune import run_tuning, tune_config_from_args
 
     config = tune_config_from_args(args, config_from_args(args))
-    _init_ray()
     summary = run_tuning(config)
     print(summary.table)
     print(f"outputs in {summary.output}: trials.csv, trials.png, best.yaml, best/")
@@ -167,11 +165,9 @@ def command_segment(args: argparse.Namespace) -> int:
 
 
 def _init_ray() -> None:
-    """Connect to RAY_ADDRESS when set (a cluster, `ray job submit`), else start local Ray."""
-    import ray
+    from unet_ray.train import init_ray
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
 
 
 # ----------------------------------------------------------------------------- parser

@@ -22,14 +22,20 @@ SIZE_MULTIPLE = 32  # five 2x2 max-pools: input sides must be multiples of 2**5
 
 @dataclass
 class ModelConfig:
-    encoder_weights: str | None = None  # local torchvision vgg16_bn state-dict file; None: hub cache or random
+    encoder_weights: str | None = (
+        None  # local torchvision vgg16_bn state-dict file; None: hub cache or random
+    )
     freeze_encoder: bool = False  # keep the VGG16_bn encoder fixed during training
-    decoder_batchnorm: bool = False  # batch-norm in the decoder (report: off, lowers border contrast)
+    decoder_batchnorm: bool = (
+        False  # batch-norm in the decoder (report: off, lowers border contrast)
+    )
 
 
 @dataclass
 class DataConfig:
-    source: str | None = None  # DSB2018 layout (dir, .zip, s3://) or prepared shards; None: synthetic
+    source: str | None = (
+        None  # DSB2018 layout (dir, .zip, s3://) or prepared shards; None: synthetic
+    )
     tile_size: int = 256  # standardised tile side used by `prepare` (report: 256)
     image_size: int = 256  # side of the training crops fed to the network (multiple of 32)
     val_fraction: float = 0.15  # fraction of source images held out for validation
@@ -133,7 +139,9 @@ def _build_section(section_class, name: str, values: dict[str, Any] | None):
     known = {f.name for f in dataclasses.fields(section_class)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in config section '{name}'; known: {sorted(known)}")
+        raise ValueError(
+            f"unknown key(s) {unknown} in config section '{name}'; known: {sorted(known)}"
+        )
     return section_class(**values)
 
 
@@ -145,10 +153,15 @@ def validate(config: Config) -> None:
         raise ValueError(f"train.loss '{config.train.loss}' is not one of {LOSSES}")
     if config.segment.scheme not in TILING_SCHEMES:
         raise ValueError(f"segment.scheme '{config.segment.scheme}' is not one of {TILING_SCHEMES}")
-    for name, side in (("data.image_size", config.data.image_size), ("segment.tile", config.segment.tile)):
+    for name, side in (
+        ("data.image_size", config.data.image_size),
+        ("segment.tile", config.segment.tile),
+    ):
         if side <= 0 or side % SIZE_MULTIPLE:
             nearest = max(SIZE_MULTIPLE, round(side / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-            raise ValueError(f"{name}={side} must be a positive multiple of {SIZE_MULTIPLE}; try {nearest}")
+            raise ValueError(
+                f"{name}={side} must be a positive multiple of {SIZE_MULTIPLE}; try {nearest}"
+            )
     if not 0.0 <= config.data.val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={config.data.val_fraction} must be in [0, 1)")
     if config.train.workers < 1 or config.train.batch_size < 1 or config.train.epochs < 1:
@@ -156,7 +169,9 @@ def validate(config: Config) -> None:
     if config.train.max_lr <= 0:
         raise ValueError(f"train.max_lr={config.train.max_lr} must be positive")
     if not 0.0 <= config.data.elastic_probability <= 1.0:
-        raise ValueError(f"data.elastic_probability={config.data.elastic_probability} must be in [0, 1]")
+        raise ValueError(
+            f"data.elastic_probability={config.data.elastic_probability} must be in [0, 1]"
+        )
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -171,7 +186,9 @@ def load_config(path: str | Path | None) -> Config:
     except yaml.YAMLError as error:
         raise ValueError(f"config file {path} is not valid YAML: {error}") from error
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+        raise ValueError(
+            f"config file {path} must hold a mapping of sections, got {type(values).__name__}"
+        )
     try:
         return Config.from_dict(values)
     except (ValueError, TypeError) as error:

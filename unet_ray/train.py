@@ -32,6 +32,7 @@ METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
 TENSORBOARD_DIR = "tensorboard"
 SCORE_METRIC = "val_pixel_f1"
+DATA_CPUS = 1  # a training run's Ray Data pipeline (read + augment) needs one CPU of its own
 SHUFFLE_BATCHES = 4  # training tiles are shuffled within a buffer of this many batches
 # Fault injection for tests and drills: the last rank dies (os._exit) early in this epoch
 # (1-based), once: the marker file records that it already happened.
@@ -500,12 +501,40 @@ def _fault_injection_from_env() -> dict[str, Any]:
     }
 
 
+def required_cpus(config: Config) -> int:
+    """CPUs one training run needs: its workers' plus one for the Ray Data pipeline."""
+    return config.train.workers * config.train.cpus_per_worker + DATA_CPUS
+
+
+def init_ray(min_cpus: int = 1) -> None:
+    """Connect to RAY_ADDRESS when set (a cluster, `ray job submit`); otherwise start local Ray
+    with at least ``min_cpus`` logical CPUs, so that e.g. two training workers on a 2-core laptop
+    still leave a CPU for Ray Data instead of waiting for one forever."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus))
+
+
 def run_training(config: Config, fault_injection: dict[str, Any] | None = None) -> TrainResult:
     """Train, or resume when OUTPUT already holds a run (same command, same --output)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray(required_cpus(config))
+    available = ray.cluster_resources().get("CPU", 0)
+    if available < required_cpus(config):
+        logger.warning(
+            "the Ray cluster has %s CPUs but %d workers x %d CPUs + %d for Ray Data are needed: "
+            "training waits until the cluster grows; lower --workers otherwise",
+            available,
+            config.train.workers,
+            config.train.cpus_per_worker,
+            DATA_CPUS,
+        )
     io.make_dirs(config.train.output)
     io.write_bytes_atomic(
         io.join_uri(config.train.output, "config.json"),

@@ -16,7 +16,14 @@ import yaml
 from unet_ray import io
 from unet_ray.checkpoint import CONFIG_FILE, MODEL_FILE
 from unet_ray.config import Config
-from unet_ray.train import BEST_DIR, SCORE_METRIC, build_trainer, resolve_training_data
+from unet_ray.train import (
+    BEST_DIR,
+    SCORE_METRIC,
+    build_trainer,
+    init_ray,
+    required_cpus,
+    resolve_training_data,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +32,6 @@ TRIALS_DIR = "trials"  # OUTPUT/trials/<trial_id>/: each trial's own train outpu
 TRIALS_CSV = "trials.csv"
 TRIALS_PNG = "trials.png"
 BEST_YAML = "best.yaml"
-TRIAL_DATA_CPUS = 1  # CPU left free per trial for its Ray Data pipeline (read + augment)
 TRIAL_DRIVER_CPUS = 0.01  # the trial function only starts a TorchTrainer and waits (Tune refuses 0)
 # (search-space key, config section, field)
 SEARCH_KEYS = (
@@ -112,7 +118,7 @@ def max_concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
     if config.tune.max_concurrent > 0:
         return config.tune.max_concurrent
     train = config.train
-    cpus_per_trial = train.workers * train.cpus_per_worker + TRIAL_DATA_CPUS
+    cpus_per_trial = required_cpus(config)
     fits = int(cluster.get("CPU", 1) // cpus_per_trial)
     if train.use_gpu:
         fits = min(fits, int(cluster.get("GPU", 0) // train.workers))
@@ -180,10 +186,7 @@ def build_tuner(config: Config, prepared: str):
 
 def run_tuning(config: Config) -> TuneSummary:
     """Prepare the data once, run (or resume) the search, write the tables, plot and best config."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
+    init_ray(required_cpus(config))
     io.make_dirs(config.train.output)
     prepared = resolve_training_data(config)
     results = build_tuner(config, prepared).fit()
