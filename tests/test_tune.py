@@ -73,7 +73,7 @@ def test_interrupted_search_resumes_and_writes_results(prepared, tmp_path, ray_l
     trials = output / "trials"
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not list(trials.glob("*/ray_train")):
+        while time.monotonic() < deadline and not list(trials.glob("*/metrics.csv")):
             time.sleep(1)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
