@@ -8,7 +8,9 @@ import uuid
 
 import pytest
 
-RAY_TEST_CPUS = 8  # logical CPUs on a 2-core machine: train workers, Tune trials and Ray Data fit together
+RAY_TEST_CPUS = (
+    8  # logical CPUs on a 2-core machine: train workers, Tune trials and Ray Data fit together
+)
 
 
 def _free_port() -> int:
@@ -82,4 +84,15 @@ def synth_root(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("synth") / "stage1_train"
     write_synthetic_dataset(root, count=12, seed=7, min_side=64, max_side=160)
+    return root
+
+
+@pytest.fixture(scope="session")
+def training_root(tmp_path_factory):
+    """A smaller synthetic set (6 images of 64-128 px, about 15 tiles of 64 px) for the Ray Train
+    and Tune tests, whose every epoch costs real CPU time."""
+    from unet_ray.synth import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synth_training") / "stage1_train"
+    write_synthetic_dataset(root, count=6, seed=7, min_side=64, max_side=128)
     return root

@@ -1,5 +1,5 @@
 """The segmentation job: tiled vs whole-image inference, one image in process, and the Ray Data job
-over a mixed collection (bad files, a rerun that skips, a real S3 endpoint, a 12-megapixel image)."""
+over a mixed collection (bad files, a 12-megapixel image, a rerun that skips, a real S3 endpoint)."""
 
 from __future__ import annotations
 
@@ -229,13 +229,28 @@ def test_run_segmentation_refuses_bad_geometry_and_bad_checkpoints(tmp_path):
 # ----------------------------------------------------------------------------- with Ray
 
 
+def write_big_slide(path: Path) -> tuple[int, int]:
+    """A 3000 x 4000 RGB image (12 megapixels) as a tiled BigTIFF; its shape."""
+    patch = synthetic_image(500, 500, "he", 21)
+    tifffile.imwrite(path, np.tile(patch, (6, 8, 1)), bigtiff=True, tile=(256, 256))
+    return 3000, 4000
+
+
 @pytest.mark.ray
+@pytest.mark.slow
 def test_mixed_collection_then_rerun_skips_finished_images(ray_local, checkpoint, tmp_path):
+    """Good images of several formats and sizes (1x1 up to a 12-megapixel BigTIFF) beside bad
+    files, on 2 actors: outputs for the good, error rows for the bad; a rerun skips the done."""
     inputs, output = tmp_path / "in", tmp_path / "out"
-    good = write_good_images(inputs)
+    good = [*write_good_images(inputs), "slide.tif"]
+    slide_shape = write_big_slide(inputs / "slide.tif")
     bad = write_bad_images(inputs)
     segment = SegmentConfig(workers=2)
+    started = time.perf_counter()
     summary = run_segmentation(checkpoint, str(inputs), str(output), segment, InstanceConfig())
+    print(
+        f"collection with a 12-megapixel slide segmented in {time.perf_counter() - started:.0f} s"
+    )
     assert (summary.ok, summary.error, summary.skipped) == (len(good), len(bad), 0)
     assert summary.exit_code == 1
     manifest = read_manifest(summary.manifest)
@@ -250,6 +265,14 @@ def test_mixed_collection_then_rerun_skips_finished_images(ray_local, checkpoint
     assert labels.dtype == np.uint32
     assert labels.shape == (1, 1), "a 1x1 RGB image must keep its shape through io.decode_image"
     assert tifffile.imread(output / "gray16.labels.tif").shape == (100, 130)
+    slide_labels = tifffile.imread(output / "slide.labels.tif")
+    assert slide_labels.shape == slide_shape and slide_labels.dtype == np.uint32
+    nuclei = list(csv.DictReader(bytes_io.StringIO((output / "slide.nuclei.csv").read_text())))
+    assert (
+        len(nuclei)
+        == slide_labels.max()
+        == int(read_manifest(summary.manifest)["slide.tif"]["nuclei"])
+    )
 
     first_mtime = (output / "rgb.mask.png").stat().st_mtime_ns
     (output / "photo.overlay.png").unlink()  # as if the job was killed before the last output
@@ -304,32 +327,6 @@ def test_cli_segment_exit_codes(ray_local, checkpoint, tmp_path):
     assert main([*arguments, "--tile", "256", "--overlap", "16", "--batch-size", "2"]) == 0
     assert read_manifest(str(tmp_path / "out" / "manifest.csv"))["rgb.png"]["status"] == "ok"
     assert main([*arguments, "--tile", "500"]) == 2  # bad usage, nothing run
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_mixed_collection_with_a_12_megapixel_big_tiff(ray_local, checkpoint, tmp_path):
-    """A 3000 x 4000 image (tiled BigTIFF) beside small good and bad files, on 2 CPU cores."""
-    inputs, output = tmp_path / "in", tmp_path / "out"
-    inputs.mkdir()
-    patch = synthetic_image(500, 500, "he", 21)
-    big = np.tile(patch, (6, 8, 1))  # 3000 x 4000 x 3
-    tifffile.imwrite(inputs / "slide.tif", big, bigtiff=True, tile=(256, 256))
-    del big
-    write_png(inputs / "small.png", synthetic_image(90, 110))
-    write_png(inputs / "tiny.png", np.zeros((1, 1), dtype=np.uint8))
-    (inputs / "truncated.png").write_bytes(io.encode_png(patch)[:500])
-    started = time.perf_counter()
-    summary = run_segmentation(
-        checkpoint, str(inputs), str(output), SegmentConfig(), InstanceConfig()
-    )
-    seconds = time.perf_counter() - started
-    assert (summary.ok, summary.error, summary.exit_code) == (3, 1, 1)
-    labels = tifffile.imread(output / "slide.labels.tif")
-    assert labels.shape == (3000, 4000) and labels.dtype == np.uint32
-    rows = list(csv.DictReader(bytes_io.StringIO((output / "slide.nuclei.csv").read_text())))
-    assert len(rows) == labels.max()
-    print(f"12-megapixel collection segmented in {seconds:.0f} s")
 
 
 @pytest.mark.ray

@@ -26,9 +26,9 @@ TILE = 64
 
 
 @pytest.fixture(scope="module")
-def prepared(ray_local, synth_root, tmp_path_factory) -> str:
+def prepared(ray_local, training_root, tmp_path_factory) -> str:
     output = str(tmp_path_factory.mktemp("prepared"))
-    prepare_dataset(str(synth_root), output, tile_size=TILE, val_fraction=0.25, seed=0)
+    prepare_dataset(str(training_root), output, tile_size=TILE, val_fraction=0.25, seed=0)
     return output
 
 
@@ -56,22 +56,6 @@ def make_config(prepared: str, output, **train) -> Config:
 def read_metrics(output) -> list[dict[str, str]]:
     with open(Path(output) / "metrics.csv") as handle:
         return list(csv.DictReader(handle))
-
-
-def test_two_workers_two_epochs_write_outputs_and_loss_falls(prepared, tmp_path, capsys):
-    result = run_training(make_config(prepared, tmp_path))
-    rows = read_metrics(tmp_path)
-    assert [row["epoch"] for row in rows] == ["1", "2"]
-    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
-    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    # validation is aggregated over both workers: every validation tile is counted once
-    val_tiles = io_val_tiles(prepared)
-    assert all(int(row["val_images"]) == val_tiles for row in rows)
-    model, info = load_model(result.best_checkpoint)
-    assert info["metrics"]["val_pixel_f1"] == max(float(row["val_pixel_f1"]) for row in rows)
-    assert not model.training
-    check_evaluate_output(result.best_checkpoint, prepared, capsys)
 
 
 def check_evaluate_output(checkpoint: str, prepared: str, capsys) -> None:
@@ -128,13 +112,28 @@ def test_tiny_overfit_reaches_high_validation_dice(ray_local, tmp_path):
     assert result.metrics["val_pixel_f1"] > 0.9, result.history
 
 
-def test_killed_worker_resumes_from_latest_checkpoint(prepared, tmp_path):
-    marker = tmp_path / "killed"
-    config = make_config(prepared, tmp_path / "run", epochs=2, max_failures=1)
+def test_two_workers_survive_a_killed_worker_and_write_outputs(prepared, tmp_path, capsys):
+    """2 workers x 2 epochs; one worker dies early in epoch 2 and the run restarts from epoch 1's
+    checkpoint (not epoch 0), then writes metrics, curves, TensorBoard and the best checkpoint."""
+    marker, output = tmp_path / "killed", tmp_path / "run"
+    config = make_config(prepared, output, epochs=2, max_failures=1)
     result = run_training(config, fault_injection={"epoch": 2, "marker": str(marker)})
     assert marker.exists()  # a worker really died early in epoch 2
     assert [row["epoch"] for row in result.history] == [1, 2]
     assert result.run_starts == [0, 1]  # restarted once, from epoch 1's checkpoint, not epoch 0
+
+    rows = read_metrics(output)
+    assert [row["epoch"] for row in rows] == ["1", "2"]  # the restart did not repeat epoch 1
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert (output / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((output / "tensorboard").glob("events.out.tfevents.*"))
+    # validation is aggregated over both workers: every validation tile is counted once
+    val_tiles = io_val_tiles(prepared)
+    assert all(int(row["val_images"]) == val_tiles for row in rows)
+    model, info = load_model(result.best_checkpoint)
+    assert info["metrics"]["val_pixel_f1"] == max(float(row["val_pixel_f1"]) for row in rows)
+    assert not model.training
+    check_evaluate_output(result.best_checkpoint, prepared, capsys)
 
 
 def test_driver_killed_then_rerun_resumes_from_s3(prepared, s3_bucket, ray_local):

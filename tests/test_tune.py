@@ -23,9 +23,9 @@ TILE = 64
 
 
 @pytest.fixture(scope="module")
-def prepared(ray_local, synth_root, tmp_path_factory) -> str:
+def prepared(ray_local, training_root, tmp_path_factory) -> str:
     output = str(tmp_path_factory.mktemp("tune_prepared"))
-    prepare_dataset(str(synth_root), output, tile_size=TILE, val_fraction=0.25, seed=1)
+    prepare_dataset(str(training_root), output, tile_size=TILE, val_fraction=0.25, seed=1)
     return output
 
 
