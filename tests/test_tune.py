@@ -15,7 +15,13 @@ import pytest
 from unet_ray.cli import build_parser, config_from_args
 from unet_ray.config import Config
 from unet_ray.data import prepare_dataset
-from unet_ray.tune import EXPERIMENT_NAME, max_concurrent_trials, run_tuning, tune_config_from_args
+from unet_ray.tune import (
+    EXPERIMENT_NAME,
+    max_concurrent_trials,
+    run_tuning,
+    state_api_problem,
+    tune_config_from_args,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +49,21 @@ tune:
 TRIALS, EPOCHS = 4, 2
 
 
+def reserved_placement_groups() -> list[str]:
+    import ray
+
+    table = ray.util.placement_group_table()
+    return [group for group, info in table.items() if info["state"] != "REMOVED"]
+
+
+def wait_until(condition, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"still reserved after {seconds} s: {reserved_placement_groups()}")
+        time.sleep(1)
+
+
 def test_trials_never_oversubscribe_the_cluster():
     config = Config.from_dict({"train": {"workers": 2}})
     assert max_concurrent_trials(config, {"CPU": 8.0}) == 2  # (2 workers + 1 data CPU) per trial
@@ -50,6 +71,12 @@ def test_trials_never_oversubscribe_the_cluster():
     assert max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 4.0}) == 2
     with pytest.raises(ValueError, match="lower --workers"):
         max_concurrent_trials(Config.from_dict({"train": {"workers": 4}}), {"CPU": 2.0})
+
+
+def test_state_api_that_frees_stopped_trials_is_reachable(ray_local):
+    """The session's Ray runs the dashboard like users' Ray does, so `unet-ray tune` finds the
+    state API that Ray Train needs to release a stopped trial's placement group."""
+    assert state_api_problem() == ""
 
 
 def test_interrupted_search_resumes_and_writes_results(prepared, tmp_path, ray_local):
@@ -85,6 +112,8 @@ def test_interrupted_search_resumes_and_writes_results(prepared, tmp_path, ray_l
     args = build_parser().parse_args(["tune", *flags])
     summary = run_tuning(tune_config_from_args(args, config_from_args(args)))
 
+    # trials stopped by ASHA and the killed search gave their CPUs back to the cluster
+    wait_until(lambda: not reserved_placement_groups(), seconds=60)
     assert (output / EXPERIMENT_NAME).is_dir()
     assert started <= {row["trial_id"] for row in summary.rows}  # continued, not replaced
     rows = list(csv.DictReader((output / "trials.csv").read_text().splitlines()))

@@ -184,9 +184,36 @@ def build_tuner(config: Config, prepared: str):
     )
 
 
+STATE_API_TIMEOUT_S = 10
+
+
+def state_api_problem() -> str:
+    """Why Ray's state API cannot be reached, or "" when it can.
+
+    Ray Train V2 releases the placement group of a run whose controller died (a trial that ASHA
+    stopped, or one that crashed) only after asking the state API, which the dashboard serves;
+    without it the stopped trials' CPUs and GPUs stay reserved until the search ends.
+    """
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=STATE_API_TIMEOUT_S)
+    except Exception as error:  # the state API raises several types, all meaning "unreachable"
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ""
+
+
 def run_tuning(config: Config) -> TuneSummary:
     """Prepare the data once, run (or resume) the search, write the tables, plot and best config."""
     init_ray(required_cpus(config))
+    problem = state_api_problem()
+    if problem:
+        logger.warning(
+            "Ray's state API (served by the dashboard) is unreachable (%s): trials that ASHA "
+            "stops will keep their CPUs/GPUs reserved until the search ends. Start Ray with the "
+            "dashboard (install ray[default]; do not pass --include-dashboard=false).",
+            problem,
+        )
     io.make_dirs(config.train.output)
     prepared = resolve_training_data(config)
     results = build_tuner(config, prepared).fit()
