@@ -47,7 +47,7 @@ SIZES = {
         "epochs": 3,
         "synth_count": 12,
         "synth_side": 256,
-        "shard_copies": 1,
+        "shard_copies": 4,
     },
     ("cpu", "full"): {
         "side": 128,
@@ -58,7 +58,7 @@ SIZES = {
         "epochs": 3,
         "synth_count": 24,
         "synth_side": 256,
-        "shard_copies": 1,
+        "shard_copies": 4,
     },
     ("cuda", "quick"): {
         "side": 256,
@@ -625,6 +625,7 @@ def run(quick: bool = True) -> dict[str, float]:
         "train_epoch_start_wait_s": waiting["epoch_start_wait_s"],
         "train_images_per_s_pipeline": waiting["images_per_s"],
         "train_pipeline_timed_steps": waiting["timed_steps"],
+        "train_pipeline_steps_per_epoch": waiting["timed_steps"] / (settings["epochs"] - 1),
         "train_elastic_probability": data.elastic_probability,
         "train_side": settings["side"],
         "train_batch": settings["batch"],
@@ -660,6 +661,7 @@ def format_table(results: dict) -> str:
             f"| data wait fraction (within epochs) "
             f"| {results['train_data_wait_fraction_steady']:.4f} |",
             f"| wait for an epoch's first batch, s | {results['train_epoch_start_wait_s']:.3f} |",
+            f"| steps per epoch | {results['train_pipeline_steps_per_epoch']:.0f} |",
         ]
     )
 
