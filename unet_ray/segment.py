@@ -16,8 +16,9 @@ within 0.01 of the 0.5 threshold, where such a difference flips the mask). The t
 ``TILED_MAX_PROBABILITY_DIFFERENCE`` and ``TILED_MASK_AGREEMENT``. The reference scheme pads each
 128-px core from itself and differs from whole-image inference by up to 0.18 (98.5 % agreement).
 With a briefly trained model (``benchmarks/bench_segment.py``: 120 SGD steps on other synthetic
-mosaics) the default's masks agree on 99.97 % of the pixels of 896^2 and 1344^2 mosaics (largest
-probability difference 0.02-0.03), the reference scheme's on 99.6 % (0.63-0.69).
+mosaics) the default's masks agree on 99.95 % of the pixels of an 896^2 mosaic and 99.97 % of a
+1344^2 one (largest probability difference 0.030 and 0.024), the reference scheme's on 99.6 %
+(0.63 and 0.69).
 """
 
 from __future__ import annotations
