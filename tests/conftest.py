@@ -68,11 +68,11 @@ def ray_local(s3_endpoint, tmp_path_factory):
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     ray.init(
         num_cpus=RAY_TEST_CPUS,
-        # no dashboard: on 2 cores it slowed the Tune test by about a minute (Ray Train's
-        # PlacementGroupCleaner polls the state API every second per run). Without it, trials
-        # that ASHA stops keep their placement groups until the session ends, which the 8
-        # logical CPUs absorb; `unet-ray tune` warns about this (see test_tune.py)
-        include_dashboard=False,
+        # with the dashboard, as users run it: Ray Train's PlacementGroupCleaner asks the state
+        # API (served by the dashboard) whether a controller died, and only then releases the
+        # placement group of a run whose driver or Tune trial was killed
+        include_dashboard=True,
+        dashboard_port=_free_port(),
         log_to_driver=True,
         configure_logging=False,
         _temp_dir=None,
