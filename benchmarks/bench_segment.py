@@ -115,25 +115,22 @@ def time_prediction(image, plan, predict_batch, batch_size) -> tuple[float, np.n
 def compare_with_whole_image(image, plans, predict_batch, batch_size) -> dict[str, float]:
     """Per scheme: the fraction of mask pixels equal to whole-image inference's, the largest
     probability difference; and the share of whole-image probabilities near the threshold."""
+    from unet_ray.segment import predict_probabilities
     from unet_ray.tiling import plan_whole_image
 
-    whole = predict_probabilities_of(image, plan_whole_image(*image.shape[:2]), predict_batch, 1)
+    whole = predict_probabilities(image, plan_whole_image(*image.shape[:2]), predict_batch, 1)
     whole_mask = whole > MASK_THRESHOLD
     results = {
         "foreground_fraction": float(whole_mask.mean()),
         "near_threshold_fraction": float(np.mean(np.abs(whole - MASK_THRESHOLD) < NEAR_THRESHOLD)),
     }
     for scheme, plan in plans.items():
-        probabilities = predict_probabilities_of(image, plan, predict_batch, batch_size)
+        probabilities = predict_probabilities(image, plan, predict_batch, batch_size)
         results[f"agreement_{scheme}"] = float(
             np.mean((probabilities > MASK_THRESHOLD) == whole_mask)
         )
         results[f"max_probability_difference_{scheme}"] = float(np.abs(probabilities - whole).max())
     return results
-
-
-def predict_probabilities_of(image, plan, predict_batch, batch_size) -> np.ndarray:
-    return time_prediction(image, plan, predict_batch, batch_size)[1]
 
 
 def measure_tiling(side: int, repeats: int, train_settings: dict) -> dict[str, float]:

@@ -154,11 +154,11 @@ def largest_grid_step(window: int, margin: int) -> int:
 def shortest_window(padded: int, count: int, tile: int, margin: int) -> int:
     """The shortest window (a grid multiple, at most ``tile``) with which ``count`` windows on
     the grid still cover ``padded`` pixels with ``2 * margin`` of overlap: e.g. 896 px takes two
-    480-px windows instead of two 512-px ones (1.07 instead of 1.14 computed pixels per pixel)."""
-    for window in range(2 * margin + SIZE_MULTIPLE, tile + 1, SIZE_MULTIPLE):
-        if window % SIZE_MULTIPLE == 0 and (
-            (count - 1) * largest_grid_step(window, margin) + window >= padded
-        ):
+    480-px windows instead of two 512-px ones (1.07 instead of 1.14 computed pixels per image
+    pixel along that axis). The candidates start at the shortest grid multiple that still allows
+    a step of one grid unit."""
+    for window in range(round_up(2 * margin + SIZE_MULTIPLE), tile + 1, SIZE_MULTIPLE):
+        if (count - 1) * largest_grid_step(window, margin) + window >= padded:
             return window
     return tile
 

@@ -199,7 +199,8 @@ def state_api_problem() -> str:
     try:
         list_nodes(limit=1, timeout=STATE_API_TIMEOUT_S)
     except Exception as error:  # the state API raises several types, all meaning "unreachable"
-        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = str(error).strip()
+        return message.splitlines()[0] if message else type(error).__name__
     return ""
 
 
