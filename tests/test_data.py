@@ -428,25 +428,23 @@ def test_ensure_prepared_reuses_matching_shards_and_passes_shards_through(
 
 
 @pytest.mark.ray
-def test_training_datasets_have_the_batch_format_and_new_augmentations_each_epoch(
+def test_training_datasets_have_the_batch_format_and_new_augmentations_each_pass(
     prepared_local,
 ):
     config = DataConfig(image_size=32, augment=True, elastic_probability=0.5)
-    datasets = data.build_training_datasets(str(prepared_local), config)
+    datasets = data.build_training_datasets(str(prepared_local), config, passes=2)
     info = data.read_dataset_info(str(prepared_local))
 
-    epochs = []
-    for _ in range(2):
-        batches = list(datasets["train"].iter_torch_batches(batch_size=8))
-        assert sum(len(batch["image"]) for batch in batches) == info["train"]["tiles"]
-        batch = batches[0]
-        assert tuple(batch["image"].shape[1:]) == (3, 32, 32)
-        assert str(batch["image"].dtype) == "torch.float32"
-        assert tuple(batch["mask"].shape[1:]) == (1, 32, 32)
-        assert str(batch["labels"].dtype) == "torch.int32"
-        assert bool(((batch["labels"] > 0).float() == batch["mask"][:, 0]).all())
-        epochs.append({image.numpy().tobytes() for b in batches for image in b["image"]})
-    assert not epochs[0] & epochs[1]  # every crop and transformation drawn anew
+    batches = list(datasets["train"].iter_torch_batches(batch_size=8))
+    assert sum(len(batch["image"]) for batch in batches) == 2 * info["train"]["tiles"]
+    batch = batches[0]
+    assert tuple(batch["image"].shape[1:]) == (3, 32, 32)
+    assert str(batch["image"].dtype) == "torch.float32"
+    assert tuple(batch["mask"].shape[1:]) == (1, 32, 32)
+    assert str(batch["labels"].dtype) == "torch.int32"
+    assert bool(((batch["labels"] > 0).float() == batch["mask"][:, 0]).all())
+    crops = [image.numpy().tobytes() for b in batches for image in b["image"]]
+    assert len(set(crops)) == len(crops)  # every crop and transformation drawn anew each pass
 
     val = list(datasets["val"].iter_batches(batch_size=64, batch_format="numpy"))
     assert sum(len(batch["image"]) for batch in val) == info["val"]["tiles"]
@@ -464,19 +462,76 @@ def expected_val_tiles(prepared: Path) -> dict[str, tuple[np.ndarray, np.ndarray
     return tiles
 
 
+def dataset_images(dataset) -> list[bytes]:
+    return sorted(
+        image.tobytes()
+        for batch in dataset.iter_batches(batch_format="numpy")
+        for image in batch["image"]
+    )
+
+
 @pytest.mark.ray
-def test_without_augmentation_full_tiles_repeat_exactly(prepared_local):
+def test_without_augmentation_every_pass_holds_each_full_tile_once(prepared_local):
     config = DataConfig(image_size=TILE, augment=False)
-    train = data.build_training_datasets(str(prepared_local), config)["train"]
-    epochs = [
-        sorted(
-            image.tobytes()
-            for batch in train.iter_batches(batch_format="numpy")
-            for image in batch["image"]
-        )
-        for _ in range(2)
-    ]
-    assert epochs[0] == epochs[1]
+    one_pass = dataset_images(data.build_training_datasets(str(prepared_local), config)["train"])
+    three_passes = data.build_training_datasets(str(prepared_local), config, passes=3)["train"]
+    assert (
+        len(set(one_pass))
+        == len(one_pass)
+        == data.read_dataset_info(str(prepared_local))["train"]["tiles"]
+    )
+    assert dataset_images(three_passes) == sorted(one_pass * 3)
+    with pytest.raises(ValueError, match="passes must be at least 1, got 0"):
+        data.load_split(str(prepared_local), data.TRAIN_SPLIT, passes=0)
+
+
+class CountingShard:
+    """A real Ray dataset that counts how often it was iterated (executions started)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.iterations = dataset, 0
+
+    def iter_torch_batches(self, **options):
+        self.iterations += 1
+        return self.dataset.iter_torch_batches(**options)
+
+
+@pytest.mark.ray
+def test_stream_batches_feeds_the_epochs_from_one_execution_then_starts_another(prepared_local):
+    import torch
+
+    from unet_ray.train import steps_per_worker_epoch, stream_batches
+
+    config = DataConfig(image_size=TILE, augment=False)
+    tiles = data.read_dataset_info(str(prepared_local))["train"]["tiles"]
+    passes, batch_size = 2, 1
+    shard = CountingShard(
+        data.build_training_datasets(str(prepared_local), config, passes)["train"]
+    )
+    steps = steps_per_worker_epoch(tiles, world_size=1, batch_size=batch_size)
+    stream = stream_batches(shard, batch_size, torch.device("cpu"))
+
+    seen = [next(stream)["image"][0].numpy().tobytes() for _ in range(passes * steps)]
+    assert shard.iterations == 1  # both epochs from one execution
+    one_pass = dataset_images(data.build_training_datasets(str(prepared_local), config)["train"])
+    assert sorted(seen) == sorted(one_pass * passes)
+    next(stream)  # the passes ran out: a new execution starts
+    assert shard.iterations == 2
+
+    import ray
+
+    empty = ray.data.range(2).filter(lambda row: row["id"] < 0)
+    with pytest.raises(RuntimeError, match="training shard is empty"):
+        next(stream_batches(empty, batch_size, torch.device("cpu")))
+
+
+def test_steps_per_worker_epoch_covers_each_workers_equal_share():
+    from unet_ray.train import steps_per_worker_epoch
+
+    assert steps_per_worker_epoch(10, world_size=2, batch_size=2) == 3  # 5 tiles each
+    assert steps_per_worker_epoch(11, world_size=2, batch_size=2) == 3  # Ray drops 1 tile
+    assert steps_per_worker_epoch(24, world_size=1, batch_size=4) == 6
+    assert steps_per_worker_epoch(1, world_size=4, batch_size=8) == 1  # never zero
 
 
 @pytest.mark.ray

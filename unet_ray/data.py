@@ -24,9 +24,11 @@ symmetrically padded"), per image side independently:
   A copy that touches its original across the image border stays joined to it, as in the image.
 
 Training pipeline (``build_training_datasets``): shards -> random crop to ``image_size`` ->
-albumentations augmentation -> model tensors, all inside one lazy ``map_batches``. Ray Data runs
-it again on every epoch's iteration with fresh, unseeded random numbers, so every epoch sees new
-transformations; nothing after the augmentation is materialised.
+albumentations augmentation -> model tensors, all inside one lazy ``map_batches``. The training
+split is read once per epoch of the run, one pass after the other, in one dataset: one Ray Data
+execution feeds every epoch (starting the pipeline stalled each epoch's first batch), and every
+pass draws fresh, unseeded random numbers, so every epoch sees new transformations; nothing
+after the augmentation is materialised.
 """
 
 from __future__ import annotations
@@ -396,20 +398,40 @@ def ensure_prepared(
     return str(cache_uri)
 
 
-def load_split(prepared_uri: str, split: str):
-    """The Parquet tiles of one split as a lazy ray.data.Dataset (TILE_SCHEMA rows)."""
+def load_split(prepared_uri: str, split: str, passes: int = 1):
+    """The Parquet tiles of one split as a lazy ray.data.Dataset (TILE_SCHEMA rows), read
+    ``passes`` times over, one pass after the other, in one dataset."""
     import ray
 
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    if passes < 1:
+        raise ValueError(f"passes must be at least 1, got {passes}")
     info = read_dataset_info(prepared_uri)
     if not info[split]["tiles"]:
         raise io.DatasetError(f"prepared dataset {prepared_uri} has no {split} tiles")
     filesystem, path = io.resolve_filesystem(io.join_uri(str(prepared_uri), split))
-    return read_parquet_v1(ray, path, filesystem)
+    if passes == 1:
+        return read_parquet_v1(ray, path, filesystem)
+    shards = parquet_files(filesystem, path)
+    if not shards:
+        raise io.DatasetError(f"prepared dataset {prepared_uri} has no {split} Parquet files")
+    return read_parquet_v1(ray, shards * passes, filesystem)
 
 
-def read_parquet_v1(ray, path: str, filesystem):
+def parquet_files(filesystem, folder: str) -> list[str]:
+    """Sorted paths (in ``filesystem``) of the Parquet files directly in ``folder``."""
+    import pyarrow.fs as pafs
+
+    selector = pafs.FileSelector(folder, allow_not_found=True)
+    return sorted(
+        info.path
+        for info in filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")
+    )
+
+
+def read_parquet_v1(ray, path: str | list[str], filesystem):
     """``ray.data.read_parquet`` through the V1 datasource.
 
     Ray 2.60's default V2 datasource starts a ListFiles task on every execution that took 8-20 s
@@ -576,11 +598,13 @@ def validation_batch(batch: dict[str, np.ndarray], crop_size: int | None) -> dic
     return to_model_batch(images, labels)
 
 
-def build_training_datasets(prepared_uri: str, data: DataConfig) -> dict:
+def build_training_datasets(prepared_uri: str, data: DataConfig, passes: int = 1) -> dict:
     """Lazy Ray datasets {"train": ..., "val": ...} of model batches (see ``to_model_batch``).
 
-    train: tiles -> random ``data.image_size`` crop -> augmentation (when ``data.augment``),
-    new random draws every epoch. val: whole tiles, not augmented, when the tile side is a
+    train: ``passes`` passes over the training tiles -> random ``data.image_size`` crop ->
+    augmentation (when ``data.augment``), new random draws for every tile of every pass. One
+    iteration of it serves ``passes`` epochs (``unet_ray.train.stream_batches``), so Ray Data
+    starts its pipeline once for all of them instead of once per epoch. val: whole tiles, not augmented, when the tile side is a
     multiple of 32 (the network's constraint); otherwise the centre ``image_size`` crop. "val"
     is left out when the dataset has no validation tiles. Shuffling is left to the consumer
     (``iter_torch_batches(local_shuffle_buffer_size=...)``).
@@ -596,7 +620,7 @@ def build_training_datasets(prepared_uri: str, data: DataConfig) -> dict:
             f"{prepared_uri}; lower --image-size or prepare again with --tile {image_size}"
         )
     datasets = {
-        TRAIN_SPLIT: load_split(prepared_uri, TRAIN_SPLIT).map_batches(
+        TRAIN_SPLIT: load_split(prepared_uri, TRAIN_SPLIT, passes).map_batches(
             augment_batch,
             fn_kwargs={
                 "image_size": image_size,

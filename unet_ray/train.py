@@ -83,7 +83,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     loss_function = build_loss(config.train.loss)
     per_worker_batch = max(1, config.train.batch_size // world_size)
-    steps_per_epoch = max(1, math.ceil(loop_config["train_tiles"] / config.train.batch_size))
+    steps_per_epoch = steps_per_worker_epoch(
+        loop_config["train_tiles"], world_size, per_worker_batch
+    )
+    train_batches = stream_batches(ray.train.get_dataset_shard("train"), per_worker_batch, device)
     writer = _open_tensorboard(config.train.output, state["epoch"]) if is_rank_zero else None
 
     for epoch in range(state["epoch"], config.train.epochs):
@@ -93,11 +96,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             model,
             optimizer,
             loss_function,
-            ray.train.get_dataset_shard("train"),
+            train_batches,
             config,
             epoch,
             steps_per_epoch,
-            per_worker_batch,
             device,
         )
         val = evaluate_shard(
@@ -153,30 +155,54 @@ def _build_or_resume(config: Config, device: torch.device):
     return model, optimizer, state
 
 
+def steps_per_worker_epoch(train_tiles: int, world_size: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch: enough batches of ``batch_size`` for every worker to see its
+    share of the training tiles (Ray splits them equally, dropping a remainder) once."""
+    return max(1, math.ceil((train_tiles // world_size) / batch_size))
+
+
+def stream_batches(shard, batch_size: int, device: torch.device):
+    """This worker's augmented training batches, without end.
+
+    The training dataset holds one pass over the tiles per epoch
+    (``build_training_datasets(passes=...)``), so one Ray Data execution feeds the epochs one
+    after another and the pipeline's start-up stalls only the run's first batch. Should the
+    passes run out (e.g. an epoch rounds its share up to whole batches), the next execution
+    starts; every worker holds the same number of rows, so all of them restart at the same step.
+    """
+    while True:
+        batches = 0
+        for batch in shard.iter_torch_batches(
+            batch_size=batch_size,
+            device=device,
+            drop_last=False,
+            local_shuffle_buffer_size=SHUFFLE_BATCHES * batch_size,
+        ):
+            batches += 1
+            yield batch
+        if not batches:
+            raise RuntimeError("this worker's training shard is empty: too few tiles per worker")
+
+
 def train_one_epoch(
     model,
     optimizer,
     loss_function,
-    shard,
+    batches,
     config: Config,
     epoch: int,
     steps_per_epoch: int,
-    batch_size: int,
     device: torch.device,
 ) -> tuple[float, float]:
-    """One pass over this worker's shard (augmented anew by Ray Data); returns mean loss and last lr."""
+    """``steps_per_epoch`` steps on batches from ``stream_batches`` (augmented anew by Ray Data);
+    returns the mean loss and the last learning rate."""
     model.train()
-    total_loss, batches, lr = 0.0, 0, config.train.max_lr
-    batches_of_shard = shard.iter_torch_batches(
-        batch_size=batch_size,
-        device=device,
-        drop_last=False,
-        local_shuffle_buffer_size=SHUFFLE_BATCHES * batch_size,
-    )
-    for step, batch in enumerate(batches_of_shard):
+    total_loss, lr = 0.0, config.train.max_lr
+    for step in range(steps_per_epoch):
+        batch = next(batches)
         lr = learning_rate(
             config.train.scheduler,
-            epoch + min(step / steps_per_epoch, 1.0),
+            epoch + step / steps_per_epoch,
             config.train.max_lr,
             config.train.min_lr,
             config.train.restart_epochs,
@@ -193,8 +219,7 @@ def train_one_epoch(
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
         optimizer.step()
         total_loss += float(loss.detach())
-        batches += 1
-    return total_loss / max(batches, 1), lr
+    return total_loss / steps_per_epoch, lr
 
 
 def evaluate_shard(
@@ -454,7 +479,7 @@ def build_trainer(config: Config, prepared: str, callbacks=None, fault_injection
         raise ValueError(
             f"prepared dataset {prepared} has no validation tiles; raise --val-fraction"
         )
-    datasets = build_training_datasets(prepared, config.data)
+    datasets = build_training_datasets(prepared, config.data, passes=config.train.epochs)
     filesystem, storage_path = io.resolve_filesystem(config.train.output)
     import ray.train
 
