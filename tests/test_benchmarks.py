@@ -73,11 +73,13 @@ def test_measure_matmul_peak_is_a_positive_rate(bench_flops):
     assert 1e6 < peak < 1e15
 
 
-def test_train_step_lowers_the_loss_on_a_fixed_tiny_batch(bench_train):
+@pytest.mark.parametrize("channels_last", [False, True])  # True: the GPU mode's memory format
+def test_train_step_lowers_the_loss_on_a_fixed_tiny_batch(bench_train, channels_last):
     settings = {
         **bench_train.benchmark_settings(quick=True, use_gpu=False),
         "side": 32,
         "batch": 2,
+        "channels_last": channels_last,
     }
     model, optimizer, loss_function = bench_train.build_training_objects(
         settings, torch.device("cpu")
