@@ -538,11 +538,12 @@ def ensure_ray(settings: dict) -> bool:
 def run_one_worker(loop, settings: dict, storage: str, name: str, cpus: int, datasets=None) -> dict:
     """Fit a one-worker TorchTrainer running ``loop(settings)``; returns what the loop returned
     (Train V2 keeps ``Result.metrics`` only for reports that carry a checkpoint)."""
-    import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    data_config = {"dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}
+    from unet_ray.train import build_data_config
+
+    data_config = {"dataset_config": build_data_config(workers=1)}  # as `unet-ray train`
     ship_module_to_workers()
     trainer = TorchTrainer(
         loop,

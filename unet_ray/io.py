@@ -148,10 +148,15 @@ def join_uri(base: str, *parts: str) -> str:
 
 
 def read_bytes(uri: str) -> bytes:
-    """All bytes of one file; FileNotFoundError names the URI when it does not exist."""
+    """All bytes of one file; FileNotFoundError names the URI when it does not exist.
+
+    Read as a random-access file: one ranged GET for the whole S3 object. pyarrow's input
+    *stream* fetches 256 KiB per request, one after the other (160 GETs for a 40 MB file; a
+    138 MB model.pt took 60 s from a local moto server instead of under a second).
+    """
     filesystem, path = resolve_filesystem(uri)
     try:
-        with filesystem.open_input_stream(path) as stream:
+        with filesystem.open_input_file(path) as stream:
             return stream.read()
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{uri}: no such file") from error
