@@ -497,6 +497,7 @@ def data_wait_loop(settings: dict) -> dict:
                 wait_seconds.append(fetched - started)
                 compute_seconds.append(time.perf_counter() - fetched)
                 first_of_epoch.append(step == 0)
+    batches.close()
     measured = summarise_data_wait(wait_seconds, compute_seconds, first_of_epoch, settings["batch"])
     measured["run_start_wait_s"] = run_start_wait
     ray.train.report(measured)
@@ -588,6 +589,8 @@ def prepare_benchmark_dataset(root: str, settings: dict) -> str:
 
 def run(quick: bool = True) -> dict[str, float]:
     """All training figures; ``quick`` uses 64 px crops and a few steps on a CPU."""
+    import ray
+
     from unet_ray.config import DataConfig
     from unet_ray.data import TRAIN_SPLIT, build_training_datasets, count_rows
     from unet_ray.train import steps_per_worker_epoch
@@ -600,6 +603,8 @@ def run(quick: bool = True) -> dict[str, float]:
             worker_cpus = DATA_WORKER_CPUS if settings["use_gpu"] else settings["threads"]
             compared = compare_ray_with_plain(settings, root, device, worker_cpus)
             prepared = prepare_benchmark_dataset(root, settings)
+            # the worker's Ray Data progress bars would print into the results table
+            ray.data.DataContext.get_current().enable_progress_bars = False
             data = DataConfig(image_size=settings["side"])
             epochs = settings["epochs"]
             datasets = {"train": build_training_datasets(prepared, data, passes=epochs)["train"]}
@@ -615,8 +620,6 @@ def run(quick: bool = True) -> dict[str, float]:
             )
     finally:
         if started_ray:
-            import ray
-
             ray.shutdown()
     return {
         "train_images_per_s_plain": compared["plain"],

@@ -124,6 +124,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         is_best = metrics[SCORE_METRIC] > state["best_f1"]
         state["best_f1"] = max(state["best_f1"], metrics[SCORE_METRIC])
         _report_epoch(model, optimizer, state, config, metrics, is_rank_zero, writer, is_best)
+    train_batches.close()  # ends the Ray Data execution still streaming unused passes
     if writer is not None:
         writer.close()
 
