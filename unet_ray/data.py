@@ -604,10 +604,10 @@ def build_training_datasets(prepared_uri: str, data: DataConfig, passes: int = 1
     train: ``passes`` passes over the training tiles -> random ``data.image_size`` crop ->
     augmentation (when ``data.augment``), new random draws for every tile of every pass. One
     iteration of it serves ``passes`` epochs (``unet_ray.train.stream_batches``), so Ray Data
-    starts its pipeline once for all of them instead of once per epoch. val: whole tiles, not augmented, when the tile side is a
-    multiple of 32 (the network's constraint); otherwise the centre ``image_size`` crop. "val"
-    is left out when the dataset has no validation tiles. Shuffling is left to the consumer
-    (``iter_torch_batches(local_shuffle_buffer_size=...)``).
+    starts its pipeline once for all of them instead of once per epoch. val: whole tiles, not
+    augmented, when the tile side is a multiple of 32 (the network's constraint); otherwise the
+    centre ``image_size`` crop. "val" is left out when the dataset has no validation tiles.
+    Shuffling is left to the consumer (``iter_torch_batches(local_shuffle_buffer_size=...)``).
     """
     info = read_dataset_info(prepared_uri)
     tile_size = int(info["tile_size"])
