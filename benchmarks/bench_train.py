@@ -593,7 +593,7 @@ def run(quick: bool = True) -> dict[str, float]:
 
     from unet_ray.config import DataConfig
     from unet_ray.data import TRAIN_SPLIT, build_training_datasets, count_rows
-    from unet_ray.train import steps_per_worker_epoch
+    from unet_ray.train import steps_per_worker_epoch, training_passes
 
     device = select_device()
     settings = benchmark_settings(quick, device.type == "cuda")
@@ -606,10 +606,11 @@ def run(quick: bool = True) -> dict[str, float]:
             # the worker's Ray Data progress bars would print into the results table
             ray.data.DataContext.get_current().enable_progress_bars = False
             data = DataConfig(image_size=settings["side"])
-            epochs = settings["epochs"]
-            datasets = {"train": build_training_datasets(prepared, data, passes=epochs)["train"]}
             train_tiles = count_rows(os.path.join(prepared, TRAIN_SPLIT))
-            steps = steps_per_worker_epoch(train_tiles, world_size=1, batch_size=settings["batch"])
+            batch, epochs = settings["batch"], settings["epochs"]
+            passes = training_passes(epochs, train_tiles, world_size=1, batch_size=batch)
+            datasets = {"train": build_training_datasets(prepared, data, passes=passes)["train"]}
+            steps = steps_per_worker_epoch(train_tiles, world_size=1, batch_size=batch)
             waiting = run_one_worker(
                 data_wait_loop,
                 {**settings, "steps_per_epoch": steps},

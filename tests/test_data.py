@@ -525,6 +525,21 @@ def test_stream_batches_feeds_the_epochs_from_one_execution_then_starts_another(
         next(stream_batches(empty, batch_size, torch.device("cpu")))
 
 
+@pytest.mark.parametrize(
+    "epochs, tiles, world_size, batch_size",
+    [(2, 24, 1, 4), (40, 1000, 2, 8), (3, 10, 2, 2), (5, 7, 3, 4), (40, 4, 1, 16), (1, 1, 1, 1)],
+)
+def test_training_passes_are_the_fewest_that_last_every_epoch(
+    epochs, tiles, world_size, batch_size
+):
+    from unet_ray.train import steps_per_worker_epoch, training_passes
+
+    needed = epochs * steps_per_worker_epoch(tiles, world_size, batch_size) * batch_size
+    passes = training_passes(epochs, tiles, world_size, batch_size)
+    assert passes * tiles // world_size >= needed  # each worker's equal share of all passes
+    assert passes == 1 or (passes - 1) * tiles // world_size < needed  # and no more
+
+
 def test_steps_per_worker_epoch_covers_each_workers_equal_share():
     from unet_ray.train import steps_per_worker_epoch
 

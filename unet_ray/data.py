@@ -420,14 +420,17 @@ def load_split(prepared_uri: str, split: str, passes: int = 1):
 
 
 def parquet_files(filesystem, folder: str) -> list[str]:
-    """Sorted paths (in ``filesystem``) of the Parquet files directly in ``folder``."""
+    """Sorted paths (in ``filesystem``) of the Parquet files directly in ``folder``; hidden
+    (``.name``) and underscore (``_name``) files are skipped, as Ray skips them in a folder."""
     import pyarrow.fs as pafs
 
     selector = pafs.FileSelector(folder, allow_not_found=True)
     return sorted(
         info.path
         for info in filesystem.get_file_info(selector)
-        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")
+        if info.type == pafs.FileType.File
+        and info.base_name.endswith(".parquet")
+        and not info.base_name.startswith((".", "_"))
     )
 
 

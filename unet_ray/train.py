@@ -82,7 +82,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state["run_starts"].append(state["epoch"])
     model = ray.train.torch.prepare_model(model)
     loss_function = build_loss(config.train.loss)
-    per_worker_batch = max(1, config.train.batch_size // world_size)
+    per_worker_batch = per_worker_batch_size(config.train.batch_size, world_size)
     steps_per_epoch = steps_per_worker_epoch(
         loop_config["train_tiles"], world_size, per_worker_batch
     )
@@ -162,6 +162,20 @@ def steps_per_worker_epoch(train_tiles: int, world_size: int, batch_size: int) -
     return max(1, math.ceil((train_tiles // world_size) / batch_size))
 
 
+def training_passes(epochs: int, train_tiles: int, world_size: int, batch_size: int) -> int:
+    """Passes over the training tiles that one training run reads: enough that no worker's share
+    (Ray splits the rows of all passes equally) runs out before ``epochs`` epochs of
+    ``steps_per_worker_epoch`` steps, which round each epoch up to whole batches."""
+    steps = steps_per_worker_epoch(train_tiles, world_size, batch_size)
+    rows_per_worker = epochs * steps * batch_size
+    return max(1, math.ceil(rows_per_worker * world_size / train_tiles))
+
+
+def per_worker_batch_size(batch_size: int, world_size: int) -> int:
+    """Each worker's share of the global batch (at least one)."""
+    return max(1, batch_size // world_size)
+
+
 def stream_batches(shard, batch_size: int, device: torch.device):
     """This worker's augmented training batches, without end.
 
@@ -169,7 +183,8 @@ def stream_batches(shard, batch_size: int, device: torch.device):
     (``build_training_datasets(passes=...)``), so one Ray Data execution feeds the epochs one
     after another and the pipeline's start-up stalls only the run's first batch. Should the
     passes run out (e.g. an epoch rounds its share up to whole batches), the next execution
-    starts; every worker holds the same number of rows, so all of them restart at the same step.
+    starts (``training_passes`` reads enough that this should not happen); every worker holds
+    the same number of rows, so all of them would restart at the same step.
     """
     while True:
         batches = 0
@@ -480,7 +495,14 @@ def build_trainer(config: Config, prepared: str, callbacks=None, fault_injection
         raise ValueError(
             f"prepared dataset {prepared} has no validation tiles; raise --val-fraction"
         )
-    datasets = build_training_datasets(prepared, config.data, passes=config.train.epochs)
+    workers = config.train.workers
+    passes = training_passes(
+        config.train.epochs,
+        info["train"]["tiles"],
+        workers,
+        per_worker_batch_size(config.train.batch_size, workers),
+    )
+    datasets = build_training_datasets(prepared, config.data, passes=passes)
     filesystem, storage_path = io.resolve_filesystem(config.train.output)
     return TorchTrainer(
         train_loop_per_worker,
