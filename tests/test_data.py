@@ -401,6 +401,8 @@ def test_local_shards_copied_to_s3_are_read_back(prepared_local, s3_bucket, s3_e
     assert batch["image"].shape == (4, 3, TILE, TILE)
     expected = tile_digests(prepared_local, "val")
     assert datasets["val"].count() == len(expected)
+    train_tiles = data.read_dataset_info(uri)["train"]["tiles"]
+    assert data.load_split(uri, data.TRAIN_SPLIT, passes=2).count() == 2 * train_tiles
 
 
 @pytest.mark.ray

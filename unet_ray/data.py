@@ -410,28 +410,18 @@ def load_split(prepared_uri: str, split: str, passes: int = 1):
     info = read_dataset_info(prepared_uri)
     if not info[split]["tiles"]:
         raise io.DatasetError(f"prepared dataset {prepared_uri} has no {split} tiles")
-    filesystem, path = io.resolve_filesystem(io.join_uri(str(prepared_uri), split))
+    split_uri = io.join_uri(str(prepared_uri), split)
+    filesystem, path = io.resolve_filesystem(split_uri)
     if passes == 1:
         return read_parquet_v1(ray, path, filesystem)
-    shards = parquet_files(filesystem, path)
+    shards = [  # io.list_files skips hidden files; Ray also skips "_" files in a folder
+        io.resolve_filesystem(uri)[1]
+        for uri in io.list_files(split_uri, suffixes=(".parquet",))
+        if not os.path.basename(uri).startswith("_")
+    ]
     if not shards:
         raise io.DatasetError(f"prepared dataset {prepared_uri} has no {split} Parquet files")
     return read_parquet_v1(ray, shards * passes, filesystem)
-
-
-def parquet_files(filesystem, folder: str) -> list[str]:
-    """Sorted paths (in ``filesystem``) of the Parquet files directly in ``folder``; hidden
-    (``.name``) and underscore (``_name``) files are skipped, as Ray skips them in a folder."""
-    import pyarrow.fs as pafs
-
-    selector = pafs.FileSelector(folder, allow_not_found=True)
-    return sorted(
-        info.path
-        for info in filesystem.get_file_info(selector)
-        if info.type == pafs.FileType.File
-        and info.base_name.endswith(".parquet")
-        and not info.base_name.startswith((".", "_"))
-    )
 
 
 def read_parquet_v1(ray, path: str | list[str], filesystem):

@@ -532,7 +532,7 @@ def build_trainer(config: Config, prepared: str, callbacks=None, fault_injection
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=build_data_config(config.train.workers),
+        dataset_config=build_data_config(workers),
     )
 
 
