@@ -132,6 +132,7 @@ def benchmark_settings(quick: bool, use_gpu: bool) -> dict:
         "momentum": train.momentum,
         "weight_decay": train.weight_decay,
         "grad_clip": train.grad_clip,
+        "shuffle_buffer_tiles": train.shuffle_buffer_tiles,
         "loss": train.loss,
         "channels_last": use_gpu,
         "bf16": use_gpu,
@@ -483,7 +484,12 @@ def data_wait_loop(settings: dict) -> dict:
     model, optimizer, loss_function = build_training_objects(
         settings, device, ray.train.torch.prepare_model
     )
-    batches = stream_batches(ray.train.get_dataset_shard("train"), settings["batch"], device)
+    batches = stream_batches(
+        ray.train.get_dataset_shard("train"),
+        settings["batch"],
+        device,
+        settings["shuffle_buffer_tiles"],  # the training default: its cost is part of the wait
+    )
     wait_seconds, compute_seconds, first_of_epoch = [], [], []
     for epoch in range(settings["epochs"]):
         for step in range(settings["steps_per_epoch"]):

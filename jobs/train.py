@@ -16,9 +16,12 @@ SMOKE_TEST_FLAGS = {
     "epochs": 1,
     "batch_size": 2,
     "image_size": 64,
+    "tile_size": 64,
     "synth_count": 6,
     "workers": 1,
     "val_fraction": 0.34,
+    "encoder_weights": "none",  # a smoke test never downloads the ImageNet weights
+    "min_steps_per_epoch": 2,
 }
 
 

@@ -178,3 +178,43 @@ def test_read_cpu_model(runner, tmp_path):
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU @ 1GHz\n")
     assert runner.read_cpu_model(str(cpuinfo)) == "Test CPU @ 1GHz"
     assert runner.read_cpu_model(str(tmp_path / "missing"))  # falls back to platform's answer
+
+
+def test_recipe_benchmark_configs_are_valid_and_before_is_the_old_recipe(tmp_path):
+    """The two recipes build valid configs; `before` is one step per epoch on 8 tiles at batch
+    16 with 10-epoch first cycles and no warm-up, `after` today's defaults scaled in length."""
+    from unet_ray.config import Config, TrainConfig
+    from unet_ray.data import tile_copies
+
+    recipe = load_benchmark_module("recipe")
+    defaults = TrainConfig()
+    for quick in (True, False):
+        configs = recipe.recipes(quick)
+        before = Config.from_dict({"train": configs["before"]["train"]}).train
+        after = Config.from_dict({"train": configs["after"]["train"]}).train
+        assert tile_copies(recipe.TRAIN_IMAGES, 1, recipe.BATCH, before.min_steps_per_epoch) == 1
+        assert (before.restart_epochs, before.warmup_epochs) == (10, 0)
+        assert (after.warmup_epochs, after.restart_epochs) == (
+            defaults.warmup_epochs,
+            defaults.restart_epochs,
+        )
+        assert after.shuffle_buffer_tiles == defaults.shuffle_buffer_tiles
+    plot = tmp_path / "lr.png"
+    recipe.plot_schedules(plot, steps_per_epoch=5)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = recipe.format_table(
+        [
+            {
+                "recipe": "after",
+                "style": "he",
+                "epochs": 4,
+                "steps": 40,
+                "train_seconds": 10.0,
+                "pixel_f1": 0.9,
+                "dsb_score": 0.5,
+                "f1_50": 0.7,
+                "n_images": 4,
+            }
+        ]
+    )
+    assert table.splitlines()[2] == "| after | he | 4 | 40 | 10.0 | 0.9 | 0.5 | 0.7 | 4 |"

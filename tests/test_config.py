@@ -56,8 +56,49 @@ def test_flags_override_yaml(tmp_path):
     config = config_from_args(args)
     assert config.train.epochs == 7  # from the file
     assert config.train.max_lr == 0.2  # the flag wins
-    assert config.data.image_size == 64 and config.data.tile_size == 64
+    # tiles keep their default size: larger than the crops, so training gets random crops
+    assert config.data.image_size == 64 and config.data.tile_size == 256
     assert config.train.use_gpu is True
+
+
+def test_tile_size_is_at_least_the_image_size():
+    args = build_parser().parse_args(["train", "--image-size", "320"])
+    assert config_from_args(args).data.tile_size == 320
+    args = build_parser().parse_args(["train", "--image-size", "64", "--tile-size", "128"])
+    assert config_from_args(args).data.tile_size == 128
+
+
+def test_relative_paths_are_resolved_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.pth").write_bytes(b"")
+    args = build_parser().parse_args(
+        ["train", "--data", "data", "--output", "run", "--encoder-weights", "weights.pth"]
+    )
+    config = config_from_args(args)
+    assert config.data.source == str(tmp_path / "data")
+    assert config.train.output == str(tmp_path / "run")
+    assert config.model.encoder_weights == str(tmp_path / "weights.pth")
+    args = build_parser().parse_args(["train", "--output", "s3://bucket/run"])
+    config = config_from_args(args)
+    assert config.train.output == "s3://bucket/run"  # URIs stay as given
+    assert config.model.encoder_weights == "imagenet"  # the default, not a path
+
+
+@pytest.mark.parametrize(
+    ("batch", "workers", "suggestion"), [(10, 4, "8 or 12"), (3, 2, "2 or 4"), (2, 3, "3")]
+)
+def test_batch_not_divisible_by_workers_names_valid_sizes(batch, workers, suggestion):
+    with pytest.raises(ValueError, match=f"batch_size={batch}.*not divisible.*use {suggestion}$"):
+        Config.from_dict({"train": {"batch_size": batch, "workers": workers}})
+
+
+def test_batch_not_divisible_is_exit_2_on_the_command_line(capsys):
+    assert main(["train", "--batch-size", "10", "--workers", "4"]) == 2
+    assert "use 8 or 12" in capsys.readouterr().err
+
+
+def test_default_encoder_is_imagenet():
+    assert Config.from_dict({}).model.encoder_weights == "imagenet"
 
 
 def test_every_subcommand_has_help(capsys):
@@ -77,3 +118,12 @@ def test_bad_usage_exits_2(capsys):
 def test_missing_config_file_exits_2(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_output_that_cannot_be_written_is_exit_2_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    output = blocker / "run"
+    assert main(["train", "--output", str(output), "--encoder-weights", "none"]) == 2
+    err = capsys.readouterr().err
+    assert str(output) in err and "cannot write output there" in err

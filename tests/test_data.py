@@ -120,8 +120,8 @@ def test_large_image_is_sliced_into_30_tiles_that_cover_it_exactly():
     assert len(tiles) == 30
     assert {(row, col) for row, col, _, _ in tiles} == {(r, c) for r in range(5) for c in range(6)}
     row_starts, col_starts = data.tile_starts(1040, 256), data.tile_starts(1388, 256)
-    assert row_starts == [0, 256, 512, 768, 784]  # the last tile is aligned to the bottom edge
-    assert col_starts == [0, 256, 512, 768, 1024, 1132]
+    assert row_starts == [0, 196, 392, 588, 784]  # spread evenly from edge to edge
+    assert col_starts == [0, 226, 453, 679, 906, 1132]
     covered = np.zeros(labels.shape, dtype=bool)
     for row, col, image_tile, labels_tile in tiles:
         window = np.s_[
@@ -297,6 +297,18 @@ def test_bad_prepare_arguments_are_refused(tmp_path, synth_root):
         data.prepare_dataset(str(synth_root), str(synth_root))
 
 
+@pytest.mark.parametrize("side", [256, 257, 300, 511, 520, 600, 1040, 1388, 2000])
+def test_tile_starts_overlap_no_more_than_the_side_needs(side):
+    starts = data.tile_starts(side, 256)
+    count = len(starts)
+    assert count == -(-side // 256)  # the fewest tiles that cover the side
+    assert starts[0] == 0 and starts[-1] == side - 256  # edge to edge, nothing left out
+    overlaps = [256 - (after - before) for before, after in zip(starts, starts[1:], strict=False)]
+    total_overlap = count * 256 - side
+    # the overlap is shared out: no neighbour pair overlaps more than its share, rounded up
+    assert all(0 <= overlap <= -(-total_overlap // max(1, count - 1)) for overlap in overlaps)
+
+
 def test_unprepared_folder_is_not_taken_for_shards(tmp_path, synth_root):
     assert not data.is_prepared(str(synth_root))
     with pytest.raises(io.DatasetError, match="not a prepared dataset"):
@@ -342,6 +354,24 @@ def test_prepare_from_disk_writes_every_tile_once_and_splits_by_image(prepared_l
         image, labels = expected[tile_id]
         assert (row["height"], row["width"]) == (TILE, TILE)
         assert row["image"] == image.tobytes() and row["labels"] == labels.tobytes()
+    # whole validation images, one row each, pixel-identical to the source
+    whole = {
+        name: (image, labels) for name, image, labels in data.read_split_images(str(prepared_local))
+    }
+    assert sorted(whole) == sorted(info["val"]["samples"])
+    for sample_id, (image, labels) in whole.items():
+        ref = next(
+            ref for ref in io.list_dsb_samples(str(synth_root)) if ref.sample_id == sample_id
+        )
+        source_image, source_labels = io.read_dsb_sample(ref)
+        np.testing.assert_array_equal(image, source_image)
+        np.testing.assert_array_equal(labels, source_labels)
+    some = sorted(info["val"]["samples"])[1:]
+    assert [name for name, _, _ in data.read_split_images(str(prepared_local), some[::-1])] == some[
+        ::-1
+    ]
+    with pytest.raises(io.DatasetError, match="lacks validation images.*nope"):
+        list(data.read_split_images(str(prepared_local), ["nope"]))
     schema = pq.read_schema(next((prepared_local / "train").glob("*.parquet")))
     assert schema.field("row").type == "int32" and schema.field("image").type == "binary"
     metadata = pq.read_metadata(next((prepared_local / "train").glob("*.parquet")))
@@ -397,10 +427,13 @@ def test_local_shards_copied_to_s3_are_read_back(prepared_local, s3_bucket, s3_e
     upload_folder(prepared_local, s3_bucket, "shards", s3_endpoint)
     uri = f"s3://{s3_bucket}/shards"
     datasets = data.build_training_datasets(uri, DataConfig(image_size=32, elastic_probability=0.5))
-    batch = next(iter(datasets["val"].iter_batches(batch_size=4, batch_format="numpy")))
-    assert batch["image"].shape == (4, 3, TILE, TILE)
-    expected = tile_digests(prepared_local, "val")
-    assert datasets["val"].count() == len(expected)
+    assert set(datasets) == {"train"}  # validation reads whole images, not a Ray dataset
+    batch = next(iter(datasets["train"].iter_batches(batch_size=4, batch_format="numpy")))
+    assert batch["image"].shape == (4, 3, 32, 32)  # random 32-px crops of the 64-px tiles
+    local = {name: image for name, image, _ in data.read_split_images(str(prepared_local))}
+    remote = {name: image for name, image, _ in data.read_split_images(uri)}
+    assert sorted(local) == sorted(remote)
+    assert all(np.array_equal(local[name], remote[name]) for name in local)
     train_tiles = data.read_dataset_info(uri)["train"]["tiles"]
     assert data.load_split(uri, data.TRAIN_SPLIT, passes=2).count() == 2 * train_tiles
 
@@ -448,20 +481,47 @@ def test_training_datasets_have_the_batch_format_and_new_augmentations_each_pass
     crops = [image.numpy().tobytes() for b in batches for image in b["image"]]
     assert len(set(crops)) == len(crops)  # every crop and transformation drawn anew each pass
 
-    val = list(datasets["val"].iter_batches(batch_size=64, batch_format="numpy"))
-    assert sum(len(batch["image"]) for batch in val) == info["val"]["tiles"]
-    assert val[0]["image"].shape[1:] == (3, TILE, TILE)  # whole tiles, not augmented
-    expected = {(labels > 0).tobytes() for _, labels in expected_val_tiles(prepared_local).values()}
-    assert {mask[0].astype(bool).tobytes() for mask in val[0]["mask"]} <= expected
+
+@pytest.mark.ray
+def test_copies_draw_each_tile_several_times_and_passes_read_files_in_a_fresh_order(
+    prepared_local,
+):
+    config = DataConfig(image_size=TILE, augment=False)
+    one_pass = dataset_images(data.build_training_datasets(str(prepared_local), config)["train"])
+    three_copies = data.build_training_datasets(str(prepared_local), config, copies=3)["train"]
+    assert dataset_images(three_copies) == sorted(one_pass * 3)  # every tile exactly 3 times
+    with pytest.raises(ValueError, match="copies must be at least 1"):
+        data.build_training_datasets(str(prepared_local), config, copies=0)
 
 
-def expected_val_tiles(prepared: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    tiles = {}
-    for tile_id, row in shard_rows(prepared, "val").items():
-        image = np.frombuffer(row["image"], np.uint8).reshape(TILE, TILE, 3)
-        labels = np.frombuffer(row["labels"], np.int32).reshape(TILE, TILE)
-        tiles[tile_id] = (image, labels)
-    return tiles
+def test_every_pass_reads_the_files_in_a_fresh_random_order():
+    files = [f"part-{index}.parquet" for index in range(5)]
+    order = data.shuffled_passes(files, 20, np.random.default_rng(0))
+    passes = [order[index : index + 5] for index in range(0, 100, 5)]
+    assert all(sorted(one) == files for one in passes)  # each pass: every file once
+    assert len({tuple(one) for one in passes}) > 10  # and in orders that change
+    assert data.shuffled_passes(files, 1, None) == files  # no generator: as listed
+
+
+@pytest.mark.parametrize(
+    ("tiles", "workers", "batch", "min_steps", "copies"),
+    [
+        (8, 1, 16, 100, 200),
+        (3000, 1, 16, 100, 1),
+        (12, 2, 2, 5, 2),
+        (10, 3, 4, 1, 1),
+        (8, 1, 16, 1, 1),
+    ],
+)
+def test_tile_copies_give_every_epoch_at_least_the_minimum_steps(
+    tiles, workers, batch, min_steps, copies
+):
+    from unet_ray.train import steps_per_worker_epoch
+
+    assert data.tile_copies(tiles, workers, batch, min_steps) == copies
+    assert steps_per_worker_epoch(tiles * copies, workers, batch) >= min_steps
+    if copies > 1:  # the fewest copies whose tiles fill the minimum steps' batches
+        assert tiles * (copies - 1) < min_steps * batch * workers
 
 
 def dataset_images(dataset) -> list[bytes]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io as bytes_io
 import os
 import shutil
+import stat
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -15,10 +17,15 @@ import tifffile
 from PIL import Image
 
 from unet_ray.io import (
+    NORMALISE_HIGH_PERCENTILE,
+    NORMALISE_LOW_PERCENTILE,
+    WRITE_PROBE_NAME,
     DatasetError,
     ImageReadError,
     SampleRef,
+    check_writable,
     decode_image,
+    decode_image_with_original,
     encode_png,
     exists,
     fsspec_filesystem,
@@ -150,6 +157,76 @@ def test_write_bytes_atomic_local_leaves_no_temp_file(tmp_path):
     assert sorted(os.listdir(target.parent)) == ["file.bin"]
 
 
+@contextmanager
+def umask(mask: int):
+    """Run the block under another umask (process-wide), restoring the old one."""
+    saved = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(saved)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_write_bytes_atomic_gives_files_the_umask_permissions(tmp_path, mask, mode):
+    target = tmp_path / "out" / "file.bin"
+    with umask(mask):
+        write_bytes_atomic(str(target), b"first")
+        assert stat.S_IMODE(target.stat().st_mode) == mode
+        write_bytes_atomic(str(target), b"replaced")  # the rename keeps the new file's mode
+    assert stat.S_IMODE(target.stat().st_mode) == mode
+    assert sorted(os.listdir(target.parent)) == ["file.bin"]
+
+
+def test_check_writable_local_folders_and_leaves_nothing_behind(tmp_path):
+    check_writable(str(tmp_path))
+    check_writable(str(tmp_path / "not" / "yet" / "there"))  # creatable: fine
+    assert os.listdir(tmp_path) == []  # no probe, no folder created
+
+
+def test_check_writable_refuses_a_file_and_a_path_under_a_file(tmp_path):
+    (tmp_path / "results.csv").write_text("a file")
+    with pytest.raises(ValueError, match="results.csv: cannot write output there: it is a file"):
+        check_writable(str(tmp_path / "results.csv"))
+    under_file = str(tmp_path / "results.csv" / "out")
+    with pytest.raises(ValueError, match="results.csv is a file, not a folder") as raised:
+        check_writable(under_file)  # fails for root too
+    assert str(raised.value).startswith(under_file)
+
+
+def test_check_writable_refuses_a_read_only_folder(tmp_path):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as root (or with CAP_DAC_OVERRIDE): chmod does not stop writes")
+        with pytest.raises(ValueError, match="read_only: cannot write output there.*ermission"):
+            check_writable(str(folder))
+        with pytest.raises(ValueError, match="creating it needs writing in .*read_only"):
+            check_writable(str(folder / "new"))
+    finally:
+        folder.chmod(0o755)
+
+
+def test_check_writable_on_s3(s3_bucket):
+    import boto3
+
+    check_writable(f"s3://{s3_bucket}/results/run1")
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    assert client.list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0  # probe deleted
+    missing = "s3://no-such-bucket-for-unet-ray/out"
+    with pytest.raises(ValueError, match="no-such-bucket-for-unet-ray") as raised:
+        check_writable(missing)
+    assert str(raised.value).startswith(f"{missing}: cannot write output there")
+    assert "exists" in str(raised.value)
+
+
+def test_write_probe_is_hidden_from_listings(tmp_path):
+    (tmp_path / f"{WRITE_PROBE_NAME}.left").write_bytes(b"")  # as if a probe survived a crash
+    assert list_files(str(tmp_path)) == []
+
+
 def test_read_list_exists_on_local_and_s3(tmp_path, s3_bucket):
     for root in (str(tmp_path / "root"), f"s3://{s3_bucket}/root"):
         make_dirs(root)
@@ -176,9 +253,28 @@ def test_read_list_exists_on_local_and_s3(tmp_path, s3_bucket):
 
 
 GRADIENT_16 = (np.arange(12, dtype=np.uint16) * 1000 + 500).reshape(3, 4)  # 500..11500
-GRADIENT_16_AS_UINT8 = np.rint((GRADIENT_16.astype(np.float64) - 500) / 11000 * 255).astype(
-    np.uint8
-)
+
+
+def percentile_normalised(values: np.ndarray) -> np.ndarray:
+    """The expected 8-bit rendering, computed independently in float64."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = np.percentile(finite, (NORMALISE_LOW_PERCENTILE, NORMALISE_HIGH_PERCENTILE))
+    return np.clip(np.rint((values - low) / (high - low) * 255), 0, 255).astype(np.uint8)
+
+
+def assert_close_uint8(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal up to one grey level (float32 versus float64 rounding at .5)."""
+    assert actual.dtype == np.uint8 and actual.shape == expected.shape
+    assert np.abs(actual.astype(int) - expected.astype(int)).max() <= 1
+
+
+def nuclei_with_hot_pixel(dtype, background, nucleus, hot) -> np.ndarray:
+    """64 x 64: a background, a 16 x 16 nucleus (6 % of the pixels) and one hot pixel."""
+    image = np.full((64, 64), background, dtype=dtype)
+    image[20:36, 20:36] = nucleus
+    image[3, 5] = hot
+    return image
 
 
 def test_decode_grayscale_png_repeats_into_three_channels():
@@ -207,11 +303,66 @@ def test_decode_palette_png_gives_its_colours():
     assert rgb[1, 1].tolist() == [200, 100, 50] and rgb[0, 0].tolist() == [0, 0, 0]
 
 
-def test_decode_16_bit_gray_png_is_min_max_rescaled():
-    data = pillow_png(GRADIENT_16)
-    rgb = decode_image(data, "gray16.png")
-    np.testing.assert_array_equal(rgb[:, :, 1], GRADIENT_16_AS_UINT8)
+def test_decode_16_bit_gray_png_is_percentile_normalised():
+    rgb = decode_image(pillow_png(GRADIENT_16), "gray16.png")
+    assert_close_uint8(rgb[:, :, 1], percentile_normalised(GRADIENT_16))
     assert rgb.min() == 0 and rgb.max() == 255
+
+
+def test_16_bit_image_with_one_hot_pixel_keeps_its_contrast():
+    """Min-max would put the nucleus (raw 30000) at 116 and the background at 4; percentiles
+    ignore the hot pixel, so background is black and the nucleus white."""
+    for encode in (pillow_png, tiff_bytes):
+        gray16 = nuclei_with_hot_pixel(np.uint16, 1000, 30000, 65535)
+        rgb = decode_image(encode(gray16), "hot.tif")
+        assert rgb[0, 0].tolist() == [0, 0, 0]  # background
+        assert rgb[28, 28].tolist() == [255, 255, 255]  # nucleus: full contrast
+        assert rgb[3, 5].tolist() == [255, 255, 255]  # the hot pixel is clipped
+
+
+def test_float_image_with_one_hot_pixel_nan_and_inf_keeps_its_contrast():
+    floats = nuclei_with_hot_pixel(np.float32, 0.1, 0.6, 1e6)
+    floats[0, 1], floats[0, 2] = np.nan, np.inf
+    rgb = decode_image(tiff_bytes(floats), "hot_float.tif")
+    assert rgb[10, 10, 0] == 0 and rgb[28, 28, 0] == 255
+    assert (rgb[0, 1, 0], rgb[0, 2, 0]) == (0, 255)  # NaN black, +inf saturated
+    gradient = np.linspace(-1.0, 3.0, 48, dtype=np.float32).reshape(6, 8)
+    assert_close_uint8(
+        decode_image(tiff_bytes(gradient), "g.tif")[:, :, 0], percentile_normalised(gradient)
+    )
+
+
+def test_percentiles_are_joint_over_channels_keeping_colour_balance():
+    """A pinkish 16-bit RGB: red stays brighter than blue (a stretch per channel would make
+    every channel span 0..255 and the nucleus grey)."""
+    rgb16 = np.zeros((32, 32, 3), np.uint16)
+    rgb16[...] = (20000, 12000, 16000)
+    rgb16[8:24, 8:24] = (40000, 10000, 30000)
+    rgb = decode_image(tiff_bytes(rgb16, photometric="rgb"), "pink.tif")
+    assert_close_uint8(rgb, percentile_normalised(rgb16))
+    red, green, blue = (int(value) for value in rgb[16, 16])
+    assert red == 255 and green == 0 and 0 < blue < red
+
+
+def test_constant_and_sparse_16_bit_images():
+    constant = decode_image(tiff_bytes(np.full((10, 12), 4321, np.uint16)), "constant.tif")
+    assert constant.shape == (10, 12, 3) and (constant == 0).all()  # no division by zero
+    sparse = np.zeros((100, 100), np.uint16)  # 99.96 % background: both percentiles are 0
+    sparse[50, 50:54] = 20000
+    rendered = decode_image(tiff_bytes(sparse), "sparse.tif")
+    assert rendered[50, 51, 0] == 255 and rendered[0, 0, 0] == 0  # min-max then
+
+
+def test_decode_image_with_original_keeps_the_input_units():
+    gray16 = nuclei_with_hot_pixel(np.uint16, 1000, 30000, 65535)
+    rgb, original = decode_image_with_original(tiff_bytes(gray16), "gray16.tif")
+    assert original.dtype == np.uint16 and original.shape == (64, 64)
+    np.testing.assert_array_equal(original, gray16)
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    rgba = np.random.default_rng(3).integers(0, 256, (5, 6, 4), dtype=np.uint8)
+    rgb, original = decode_image_with_original(pillow_png(rgba), "rgba.png")
+    np.testing.assert_array_equal(original, rgba[:, :, :3])  # 8-bit: the same values
+    np.testing.assert_array_equal(rgb, rgba[:, :, :3])
 
 
 def test_decode_16_bit_colour_png_keeps_all_bits():
@@ -219,8 +370,9 @@ def test_decode_16_bit_colour_png_keeps_all_bits():
     ok, encoded = cv2.imencode(".png", rgb16[:, :, ::-1])  # OpenCV writes BGR
     assert ok
     rgb = decode_image(encoded.tobytes(), "rgb16.png")
-    expected = np.rint((rgb16.astype(np.float64) - 500) / 11000 * 255).astype(np.uint8)
-    np.testing.assert_array_equal(rgb, expected)
+    assert_close_uint8(rgb, percentile_normalised(rgb16))
+    _, original = decode_image_with_original(encoded.tobytes(), "rgb16.png")
+    np.testing.assert_array_equal(original, rgb16)
 
 
 def test_decode_16_bit_tiff_and_bigtiff():
@@ -228,8 +380,8 @@ def test_decode_16_bit_tiff_and_bigtiff():
         data = tiff_bytes(GRADIENT_16, **options)
         assert data[:4] == (b"II+\x00" if options else b"II*\x00")
         rgb = decode_image(data, "gray16.tif")
-        np.testing.assert_array_equal(rgb[:, :, 0], GRADIENT_16_AS_UINT8)
-        np.testing.assert_array_equal(rgb[:, :, 2], GRADIENT_16_AS_UINT8)
+        assert_close_uint8(rgb[:, :, 0], percentile_normalised(GRADIENT_16))
+        np.testing.assert_array_equal(rgb[:, :, 2], rgb[:, :, 0])
 
 
 def test_decode_tiff_planar_rgb_multipage_and_float():
@@ -241,7 +393,8 @@ def test_decode_tiff_planar_rgb_multipage_and_float():
     assert first_page.shape == (4, 4, 3) and (first_page == 7).all()
     floats = np.array([[0.0, 0.5], [0.25, 1.0]], np.float32)
     decoded = decode_image(tiff_bytes(floats), "float.tif")
-    assert decoded[:, :, 0].tolist() == [[0, 128], [64, 255]]
+    assert_close_uint8(decoded[:, :, 0], percentile_normalised(floats))
+    assert decoded[0, 0, 0] == 0 and decoded[1, 1, 0] == 255
 
 
 def test_decode_jpeg():

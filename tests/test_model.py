@@ -11,15 +11,22 @@ from torch import nn
 
 from unet_ray.config import ModelConfig
 from unet_ray.model import (
+    EncoderWeightsUnavailableError,
     UNetVGG16BN,
     build_model,
     check_input_shape,
     count_conv3x3,
     decoder_parameters,
     encoder_parameters,
+    file_sha256,
     find_hub_encoder_weights,
     freeze_encoder,
+    hub_weights_path,
     load_encoder_weights,
+    parameter_groups,
+    record_encoder_weights,
+    resolve_imagenet_weights,
+    use_sync_batchnorm,
 )
 
 
@@ -64,6 +71,7 @@ def vgg_weights_file(tmp_path_factory, vgg_state_dict) -> str:
 def no_hub_cache(tmp_path, monkeypatch):
     """Point torch's hub cache at an empty folder so the real cache is never consulted."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("UNET_RAY_NO_DOWNLOAD", "1")
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
 
 
@@ -222,12 +230,112 @@ def test_weights_file_with_no_state_dict_is_rejected(tmp_path):
         load_encoder_weights(UNetVGG16BN(), path)
 
 
-def test_build_model_without_weights_warns_random_encoder(no_hub_cache, caplog):
+def test_build_model_with_encoder_none_is_random(no_hub_cache):
     assert find_hub_encoder_weights() is None
-    with caplog.at_level(logging.WARNING, logger="unet_ray.model"):
-        model = build_model(ModelConfig())
-    assert "randomly initialised" in caplog.text
+    model = build_model(ModelConfig(encoder_weights="none"))
     assert count_conv3x3(model) == 27
+
+
+def test_imagenet_default_offline_and_uncached_names_the_file_and_the_way_out(no_hub_cache):
+    with pytest.raises(EncoderWeightsUnavailableError) as error:
+        build_model(ModelConfig())  # the default: imagenet
+    message = str(error.value)
+    assert str(hub_weights_path()) in message and "vgg16_bn-6c64b313.pth" in message
+    assert "--encoder-weights none" in message and "TORCH_HOME" in message
+
+
+def test_train_command_without_imagenet_weights_exits_2_before_any_work(
+    no_hub_cache, tmp_path, capsys
+):
+    from unet_ray.cli import main
+
+    assert main(["train", "--output", str(tmp_path / "run")]) == 2
+    assert "--encoder-weights none" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing was started or written
+
+
+def test_imagenet_weights_are_downloaded_into_the_hub_cache(
+    no_hub_cache, tmp_path, vgg_weights_file, vgg_state_dict, monkeypatch
+):
+    """The real download code path against a real HTTP server on 127.0.0.1 serving a test file
+    under a torch.hub name whose hash prefix matches (torch.hub checks it)."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    from unet_ray import model as model_module
+
+    served = tmp_path / "served"
+    served.mkdir()
+    name = f"vgg16_bn-{file_sha256(vgg_weights_file)[:8]}.pth"
+    shutil.copy(vgg_weights_file, served / name)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{name}"
+        monkeypatch.setattr(model_module, "imagenet_weights_url", lambda: url)
+        monkeypatch.delenv("UNET_RAY_NO_DOWNLOAD")
+        recorded = record_encoder_weights(ModelConfig())
+        cached = hub_weights_path()
+        assert cached.name == name and cached.is_file()  # downloaded into $TORCH_HOME
+        assert recorded.encoder_weights_file == name
+        assert recorded.encoder_weights_sha256 == file_sha256(cached)[:12]
+        model = build_model(recorded)  # now from the cache, checked against the recorded digest
+        assert torch.equal(model.encoder[0].weight, vgg_state_dict["features.0.weight"])
+        missing = f"http://127.0.0.1:{server.server_address[1]}/vgg16_bn-00000000.pth"
+        monkeypatch.setattr(model_module, "imagenet_weights_url", lambda: missing)
+        with pytest.raises(EncoderWeightsUnavailableError, match="the download failed"):
+            resolve_imagenet_weights()
+    finally:
+        server.shutdown()
+
+
+def test_recorded_digest_mismatch_is_refused(no_hub_cache, vgg_weights_file):
+    config = ModelConfig(encoder_weights=vgg_weights_file, encoder_weights_sha256="0" * 12)
+    with pytest.raises(ValueError, match="SHA-256 prefix .* the file differs"):
+        build_model(config)
+
+
+def test_missing_encoder_weights_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.pth does not exist.*imagenet, none"):
+        build_model(ModelConfig(encoder_weights=str(tmp_path / "absent.pth")))
+
+
+def test_parameter_groups_scale_the_encoder_and_spare_norms_and_biases_from_decay():
+    model = UNetVGG16BN(decoder_batchnorm=True)
+    groups = {group["name"]: group for group in parameter_groups(model, 1e-4, 0.1)}
+    assert set(groups) == {"encoder", "encoder_no_decay", "decoder", "decoder_no_decay"}
+    assert groups["encoder"]["lr_scale"] == groups["encoder_no_decay"]["lr_scale"] == 0.1
+    assert groups["decoder"]["lr_scale"] == groups["decoder_no_decay"]["lr_scale"] == 1.0
+    assert (
+        groups["encoder"]["weight_decay"] == 1e-4
+        and groups["decoder_no_decay"]["weight_decay"] == 0
+    )
+    in_groups = [id(p) for group in groups.values() for p in group["params"]]
+    assert sorted(in_groups) == sorted(id(p) for p in model.parameters())  # each exactly once
+    no_decay = {
+        id(p) for name in ("encoder_no_decay", "decoder_no_decay") for p in groups[name]["params"]
+    }
+    for name, parameter in model.named_parameters():
+        assert (id(parameter) in no_decay) == (name.endswith(".bias") or parameter.ndim == 1), name
+    freeze_encoder(model)
+    names = {group["name"] for group in parameter_groups(model, 1e-4, 0.1)}
+    assert names == {"decoder", "decoder_no_decay"}  # frozen parameters are left out
+
+
+@pytest.mark.parametrize(
+    ("enabled", "use_gpu", "workers", "expected"),
+    [
+        (True, True, 2, True),
+        (True, True, 1, False),
+        (True, False, 4, False),
+        (False, True, 4, False),
+    ],
+)
+def test_sync_batchnorm_only_with_several_gpu_workers(enabled, use_gpu, workers, expected):
+    assert use_sync_batchnorm(enabled, use_gpu, workers) is expected
 
 
 def test_build_model_uses_hub_cache_file(no_hub_cache, tmp_path, vgg_state_dict, caplog):
@@ -236,8 +344,7 @@ def test_build_model_uses_hub_cache_file(no_hub_cache, tmp_path, vgg_state_dict,
     torch.save(vgg_state_dict, checkpoints / "vgg16_bn-6c64b313.pth")
     assert find_hub_encoder_weights() == str(checkpoints / "vgg16_bn-6c64b313.pth")
     with caplog.at_level(logging.WARNING, logger="unet_ray.model"):
-        model = build_model(ModelConfig(decoder_batchnorm=True))
-    assert "randomly initialised" not in caplog.text
+        model = build_model(ModelConfig(decoder_batchnorm=True))  # the default: imagenet
     assert torch.equal(model.encoder[0].weight, vgg_state_dict["features.0.weight"])
     assert count_batchnorm(model.decoder) == 10
 

@@ -32,3 +32,56 @@ def test_warm_restart_never_leaves_its_range():
     values = [warm_restart_lr(step / 10, 0.4, 1e-4, 3) for step in range(400)]
     assert min(values) >= 1e-4 - 1e-12 and max(values) <= 0.4 + 1e-12
     assert not any(math.isnan(value) for value in values)
+
+
+def test_default_warm_restart_cycles_end_with_the_run():
+    """40 epochs in 2 doubling cycles: 13.3 + 26.7, the last ending exactly at epoch 40."""
+    from unet_ray.config import TrainConfig
+    from unet_ray.schedules import config_learning_rate, schedule_cycle_ends
+
+    train = TrainConfig()
+    ends = schedule_cycle_ends(
+        train.scheduler, train.epochs, train.restart_epochs, train.restart_cycles, 4
+    )
+    assert ends == pytest.approx([40 / 3, 40])
+    lr_at_end = config_learning_rate(train, train.epochs - 1e-6)
+    assert lr_at_end == pytest.approx(train.min_lr, rel=1e-3)  # the run ends at the minimum
+    assert config_learning_rate(train, 40 / 3 + 1e-6) == pytest.approx(train.max_lr, rel=1e-3)
+
+
+def test_warmup_ramps_linearly_from_zero():
+    from unet_ray.schedules import warmup_factor
+
+    assert learning_rate("constant", 0.0, 0.4, 0.0, 10, 4, warmup_epochs=2) == 0.0
+    assert learning_rate("constant", 0.5, 0.4, 0.0, 10, 4, warmup_epochs=2) == pytest.approx(0.1)
+    assert learning_rate("constant", 2.0, 0.4, 0.0, 10, 4, warmup_epochs=2) == pytest.approx(0.4)
+    assert warmup_factor(5.0, 0) == 1.0
+    # warm-up multiplies the schedule: warm restart at 1 epoch of 2 of warm-up is half its value
+    assert learning_rate("warm-restart", 1.0, 0.4, 0.0, 10, 4, warmup_epochs=2) == pytest.approx(
+        0.5 * warm_restart_lr(1.0, 0.4, 0.0, 10)
+    )
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "epochs", "restart_epochs", "cycle_epochs", "warns"),
+    [
+        ("warm-restart", 40, 10, 4, True),  # the old default: 40 ends inside the 30-70 cycle
+        ("warm-restart", 30, 10, 4, False),
+        ("warm-restart", 40, 0, 4, False),  # cycles sized to the run
+        ("cyclic", 10, 0, 4, True),
+        ("cyclic", 12, 0, 4, False),
+        ("constant", 7, 0, 4, False),
+    ],
+)
+def test_mid_cycle_warning(scheduler, epochs, restart_epochs, cycle_epochs, warns):
+    from unet_ray.schedules import mid_cycle_warning
+
+    message = mid_cycle_warning(scheduler, epochs, restart_epochs, 2, cycle_epochs)
+    assert bool(message) == warns
+    if scheduler == "warm-restart" and warns:
+        assert "cycles end at epochs 10, 30, 70" in message and "30 or 70" in message
+
+
+def test_warm_restart_needs_epochs_when_sized_to_the_run():
+    with pytest.raises(ValueError, match="needs the run's epochs"):
+        learning_rate("warm-restart", 1.0, 0.4, 0.0, 0, 4)

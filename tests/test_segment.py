@@ -8,6 +8,7 @@ import dataclasses
 import io as bytes_io
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from unet_ray.segment import (
     make_batch_predictor,
     predict_probabilities,
     run_segmentation,
+    segment_image_file,
     triage_inputs,
     write_manifest,
 )
@@ -202,6 +204,105 @@ def test_list_inputs_takes_a_folder_or_one_file_and_refuses_an_empty_folder(tmp_
         list_inputs(str(tmp_path / "empty"))
 
 
+NUCLEUS_RAW, BACKGROUND_RAW, HOT_PIXEL_RAW = 30000, 1000, 65535
+DISC_CENTRES = ((20, 20), (42, 46))
+DISC_RADIUS = 8
+
+
+def nuclei_16_bit() -> np.ndarray:
+    """64 x 64 uint16: two discs of raw value 30000 on 1000, and one hot pixel."""
+    rows, columns = np.indices((64, 64))
+    image = np.full((64, 64), BACKGROUND_RAW, dtype=np.uint16)
+    for row, column in DISC_CENTRES:
+        image[(rows - row) ** 2 + (columns - column) ** 2 <= DISC_RADIUS**2] = NUCLEUS_RAW
+    image[60, 3] = HOT_PIXEL_RAW
+    return image
+
+
+def bright_is_nucleus(windows: np.ndarray) -> np.ndarray:
+    """A stand-in model: logits +10 where the 8-bit rendering is bright, else -10."""
+    return np.where(windows[..., 0] > 127, 10.0, -10.0).astype(np.float32)
+
+
+def write_16_bit_inputs(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(folder / "cells16.tif", nuclei_16_bit())
+    (folder / "cells16.png").write_bytes(io.encode_png(nuclei_16_bit()))
+    return [folder / "cells16.tif", folder / "cells16.png"]
+
+
+def test_segment_image_file_reports_16_bit_intensities_in_raw_units(tmp_path):
+    """Percentile normalisation lets the hot pixel not dim the nuclei; the table reports them
+    in the file's own 16-bit units."""
+    for path in write_16_bit_inputs(tmp_path / "in"):
+        output = tmp_path / "out" / path.suffix[1:]
+        nuclei = segment_image_file(
+            str(path), str(output), bright_is_nucleus, SegmentConfig(tile=64, overlap=16),
+            InstanceConfig(),
+        )  # fmt: skip
+        assert nuclei == len(DISC_CENTRES)
+        csv_text = (output / "cells16.nuclei.csv").read_text()
+        rows = list(csv.DictReader(bytes_io.StringIO(csv_text)))
+        assert [float(row["mean_intensity"]) for row in rows] == [NUCLEUS_RAW] * 2
+        assert [row["intensity_dtype"] for row in rows] == ["uint16"] * 2
+        overlay = np.asarray(Image.open(output / "cells16.overlay.png"))
+        assert overlay[0, 0].tolist() == [0, 0, 0]  # background rendered black, not grey
+        assert overlay[DISC_CENTRES[0]].tolist() == [255, 255, 255]  # nucleus at full contrast
+
+
+def test_segment_image_file_reports_8_bit_intensities_as_before(tmp_path):
+    gray8 = np.where(nuclei_16_bit() == NUCLEUS_RAW, 180, 20).astype(np.uint8)
+    write_png(tmp_path / "cells8.png", gray8)
+    segment_image_file(
+        str(tmp_path / "cells8.png"), str(tmp_path / "out"), bright_is_nucleus,
+        SegmentConfig(tile=64, overlap=16), InstanceConfig(),
+    )  # fmt: skip
+    rows = list(csv.DictReader((tmp_path / "out" / "cells8.nuclei.csv").open()))
+    assert [(float(row["mean_red"]), row["intensity_dtype"]) for row in rows] == [
+        (180.0, "uint8")
+    ] * 2
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_every_output_gets_the_umask_permissions(tmp_path, umask, mode):
+    (path,) = write_16_bit_inputs(tmp_path / "in")[:1]
+    output = tmp_path / "out"
+    saved = os.umask(umask)
+    try:
+        segment_image_file(
+            str(path), str(output), bright_is_nucleus, SegmentConfig(tile=64, overlap=16),
+            InstanceConfig(),
+        )  # fmt: skip
+        write_manifest([manifest_row_ok(str(path))], str(output / "manifest.csv"))
+    finally:
+        os.umask(saved)
+    expected = [*output_names("cells16").values(), "manifest.csv"]
+    assert sorted(os.listdir(output)) == sorted(expected)
+    modes = {name: stat.S_IMODE((output / name).stat().st_mode) for name in expected}
+    assert modes == dict.fromkeys(expected, mode)
+
+
+def manifest_row_ok(uri: str) -> dict:
+    return {"input": uri, "status": "ok", "message": "", "nuclei": 2, "seconds": 0.1}
+
+
+def test_unwritable_output_is_refused_before_any_work(checkpoint, tmp_path, capsys):
+    """OUTPUT under a regular file cannot be created (even by root): exit 2, location named,
+    before Ray starts (this test has no Ray) or any image is read."""
+    from unet_ray.cli import main
+
+    write_good_images(tmp_path / "in")
+    (tmp_path / "taken").write_text("a file where the output folder should go")
+    output = str(tmp_path / "taken" / "segmented")
+    assert main(["segment", checkpoint, str(tmp_path / "in"), output]) == 2
+    message = capsys.readouterr().err
+    assert output in message and "is a file, not a folder" in message
+    with pytest.raises(ValueError, match="taken is a file"):
+        run_segmentation(
+            checkpoint, str(tmp_path / "in"), output, SegmentConfig(), InstanceConfig()
+        )
+
+
 def test_run_segmentation_refuses_bad_geometry_and_bad_checkpoints(tmp_path):
     write_good_images(tmp_path / "in")
     with pytest.raises(ValueError, match="at most"):
@@ -238,6 +339,7 @@ def write_big_slide(path: Path) -> tuple[int, int]:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_mixed_collection_then_rerun_skips_finished_images(ray_local, checkpoint, tmp_path):
     """Good images of several formats and sizes (1x1 up to a 12-megapixel BigTIFF) beside bad
     files, on 2 actors: outputs for the good, error rows for the bad; a rerun skips the done."""

@@ -18,7 +18,7 @@ from unet_ray.checkpoint import load_model
 from unet_ray.cli import build_parser, config_from_args, main
 from unet_ray.config import Config
 from unet_ray.data import prepare_dataset
-from unet_ray.train import run_training
+from unet_ray.train import registered_epochs, run_training
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +34,7 @@ def prepared(ray_local, training_root, tmp_path_factory) -> str:
 
 def make_config(prepared: str, output, **train) -> Config:
     values = {
+        "model": {"encoder_weights": "none"},
         "data": {
             "source": prepared,
             "tile_size": TILE,
@@ -47,6 +48,8 @@ def make_config(prepared: str, output, **train) -> Config:
             "workers": 2,
             "scheduler": "constant",
             "max_lr": 0.05,
+            "warmup_epochs": 0,
+            "min_steps_per_epoch": 1,
             **train,
         },
     }
@@ -66,17 +69,21 @@ def check_evaluate_output(checkpoint: str, prepared: str, capsys) -> None:
     metrics = json.loads(out[out.index("{\n") : out.rindex("\n}") + 2])
     for key in ("pixel_f1", "pixel_iou", "dsb_score", "f1_50"):
         assert 0.0 <= metrics[key] <= 1.0
-    assert metrics["n_images"] == io_val_tiles(prepared)
+    val_samples = io_val_samples(prepared)
+    assert metrics["n_images"] == len(val_samples)  # images, not tiles
+    assert sorted(row["image"] for row in metrics["per_image"]) == val_samples
     assert metrics["pixel_iou"] <= metrics["pixel_f1"]  # IoU never exceeds Dice
+    return metrics
 
 
-def io_val_tiles(prepared: str) -> int:
+def io_val_samples(prepared: str) -> list[str]:
     from unet_ray.data import read_dataset_info
 
-    return read_dataset_info(prepared)["val"]["tiles"]
+    return sorted(read_dataset_info(prepared)["val"]["samples"])
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_tiny_overfit_reaches_high_validation_dice(ray_local, tmp_path):
     """Fluorescence-style synthetic images, no augmentation: the whole Ray pipeline must learn."""
     import numpy as np
@@ -91,6 +98,7 @@ def test_tiny_overfit_reaches_high_validation_dice(ray_local, tmp_path):
         write_dsb_sample(str(raw), f"fluo{index:02d}", image, labels)
     config = Config.from_dict(
         {
+            "model": {"encoder_weights": "none"},
             "data": {
                 "source": str(raw),
                 "tile_size": TILE,
@@ -105,6 +113,8 @@ def test_tiny_overfit_reaches_high_validation_dice(ray_local, tmp_path):
                 "workers": 1,
                 "scheduler": "constant",
                 "max_lr": 0.02,
+                "warmup_epochs": 0,
+                "min_steps_per_epoch": 1,
             },
         }
     )
@@ -112,30 +122,49 @@ def test_tiny_overfit_reaches_high_validation_dice(ray_local, tmp_path):
     assert result.metrics["val_pixel_f1"] > 0.9, result.history
 
 
-def test_two_workers_survive_a_killed_worker_and_write_outputs(prepared, tmp_path, capsys):
-    """2 workers x 2 epochs; one worker dies early in epoch 2 and the run restarts from epoch 1's
-    checkpoint (not epoch 0), then writes metrics, curves, TensorBoard and the best checkpoint."""
+@pytest.mark.timeout(900)
+def test_three_workers_survive_a_killed_worker_and_score_every_image_once(
+    prepared, tmp_path, capsys
+):
+    """3 workers x 2 epochs; the last worker dies at the start of epoch 2, once epoch 1's
+    checkpoint is registered, and the run restarts from exactly that checkpoint's weights. The
+    validation split has fewer images (2) than workers: every image is scored exactly once and
+    the run finishes. Then metrics, curves, TensorBoard, per-image scores and best/."""
     marker, output = tmp_path / "killed", tmp_path / "run"
-    config = make_config(prepared, output, epochs=2, max_failures=1)
+    config = make_config(prepared, output, epochs=2, workers=3, batch_size=6, max_failures=1)
     result = run_training(config, fault_injection={"epoch": 2, "marker": str(marker)})
     assert marker.exists()  # a worker really died early in epoch 2
     assert [row["epoch"] for row in result.history] == [1, 2]
     assert result.run_starts == [0, 1]  # restarted once, from epoch 1's checkpoint, not epoch 0
+    state = result.state
+    assert [resume["epoch"] for resume in state["resumes"]] == [1]
+    # the restored weights are bit for bit the ones saved at the end of epoch 1
+    assert state["resumes"][0]["digest"] == state["digests"]["1"]
+    assert state["digests"]["2"] != state["digests"]["1"]  # and epoch 2 trained on from them
 
     rows = read_metrics(output)
     assert [row["epoch"] for row in rows] == ["1", "2"]  # the restart did not repeat epoch 1
-    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
     assert (output / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((output / "tensorboard").glob("events.out.tfevents.*"))
-    # validation is aggregated over both workers: every validation tile is counted once
-    val_tiles = io_val_tiles(prepared)
-    assert all(int(row["val_images"]) == val_tiles for row in rows)
+    val_samples = io_val_samples(prepared)
+    assert len(val_samples) < 3  # fewer validation images than workers
+    assert all(int(row["val_images"]) == len(val_samples) for row in rows)
+    with open(output / "val_images.csv") as handle:
+        scored = [row["image"] for row in csv.DictReader(handle)]
+    assert scored == val_samples  # each image by exactly one rank: ids, not only the count
     model, info = load_model(result.best_checkpoint)
     assert info["metrics"]["val_pixel_f1"] == max(float(row["val_pixel_f1"]) for row in rows)
+    assert info["config"]["model"]["encoder_weights"] == "none"
+    assert sorted(info["samples"]["val"]) == val_samples
     assert not model.training
-    check_evaluate_output(result.best_checkpoint, prepared, capsys)
+    metrics = check_evaluate_output(result.best_checkpoint, prepared, capsys)
+    # `evaluate` scores as validation did: same images, same model (the ranks' batch-norm
+    # statistics are averaged before validation), same inference path; not bit for bit, as the
+    # worker ran torch on 1 thread and this process on several
+    assert metrics["pixel_f1"] == pytest.approx(info["metrics"]["val_pixel_f1"], abs=1e-3)
 
 
+@pytest.mark.timeout(900)
 def test_driver_killed_then_rerun_resumes_from_s3(prepared, s3_bucket, ray_local):
     """Checkpoints and outputs on a real S3 endpoint; the driver is killed after the first
     checkpoint; the same command again resumes from S3 instead of starting at epoch 0."""
@@ -144,20 +173,20 @@ def test_driver_killed_then_rerun_resumes_from_s3(prepared, s3_bucket, ray_local
     flags = [
         "--data", prepared, "--output", output, "--image-size", str(TILE), "--epochs", "2",
         "--batch-size", "4", "--workers", "1", "--scheduler", "constant", "--max-lr", "0.05",
-        "--elastic-probability", "0",
+        "--elastic-probability", "0", "--encoder-weights", "none", "--warmup-epochs", "0",
+        "--min-steps-per-epoch", "1",
     ]  # fmt: skip
     driver = subprocess.Popen(
         [sys.executable, str(REPO / "jobs" / "train.py"), *flags], env=env, start_new_session=True
     )
-    try:  # Ray Train has registered a checkpoint once its snapshot file exists
-        _wait_for(lambda: io.exists(f"{output}/ray_train/checkpoint_manager_snapshot.json"), 300)
+    try:  # killed as soon as Ray Train has registered epoch 1's checkpoint
+        _wait_for(lambda: 1 in registered_epochs(output), 300)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-run, like a closed laptop
         driver.wait()
     assert io.exists(f"{output}/best/model.pt") and io.exists(f"{output}/metrics.csv")
     model, info = load_model(f"{output}/best")  # loads straight from S3, without Ray
     assert info["metrics"]["epoch"] == 1
-    time.sleep(2)  # let Ray notice the dead driver and release its workers
     args = build_parser().parse_args(["train", *flags])
     result = run_training(config_from_args(args))
     assert [row["epoch"] for row in result.history] == [1, 2]
@@ -169,5 +198,5 @@ def _wait_for(condition, seconds: float) -> None:
     while time.monotonic() < deadline:
         if condition():
             return
-        time.sleep(1)
+        time.sleep(0.2)
     raise TimeoutError(f"condition not met in {seconds} s")

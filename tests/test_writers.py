@@ -161,6 +161,46 @@ def test_nuclei_csv_rows_match_the_labels():
     assert float(first["mean_intensity"]) == pytest.approx(60.0)
     assert float(first["mean_blue"]) == pytest.approx(90.0)
     assert float(second["mean_intensity"]) == pytest.approx(200.0)
+    assert first["intensity_dtype"] == "uint8"
+
+
+def two_nuclei(shape=(40, 50)) -> np.ndarray:
+    labels = np.zeros(shape, dtype=np.int32)
+    labels[5:15, 5:15] = 1
+    labels[20:30, 30:45] = 2
+    return labels
+
+
+def test_nuclei_csv_reports_16_bit_and_float_images_in_their_own_units():
+    labels = two_nuclei()
+    gray16 = np.full(labels.shape, 1000, dtype=np.uint16)
+    gray16[labels == 1] = 30000
+    gray16[labels == 2] = 52000
+    gray16[20, 30] = 51000  # nucleus 2 is not uniform: mean (149 * 52000 + 51000) / 150
+    gray16[0, 0] = 65535  # a hot background pixel changes nothing
+    first, second = parse_csv(encode_nuclei_csv(labels, gray16))
+    assert float(first["mean_intensity"]) == pytest.approx(30000)
+    assert float(first["mean_red"]) == float(first["mean_blue"]) == pytest.approx(30000)
+    assert float(second["mean_intensity"]) == pytest.approx((149 * 52000 + 51000) / 150)
+    assert first["intensity_dtype"] == "uint16"
+
+    rgb16 = np.zeros((*labels.shape, 3), dtype=np.uint16)
+    rgb16[labels == 1] = (40000, 10000, 30000)
+    first, _ = parse_csv(encode_nuclei_csv(labels, rgb16))
+    reds_greens_blues = [float(first[f"mean_{colour}"]) for colour in ("red", "green", "blue")]
+    assert reds_greens_blues == [40000, 10000, 30000]
+    assert float(first["mean_intensity"]) == pytest.approx(80000 / 3)
+
+    floats = np.zeros(labels.shape, dtype=np.float32)
+    floats[labels == 1] = 0.123456
+    first, _ = parse_csv(encode_nuclei_csv(labels, floats))
+    assert float(first["mean_intensity"]) == pytest.approx(0.123456, rel=1e-6)  # not 0.123
+    assert first["intensity_dtype"] == "float32"
+
+
+def test_nuclei_csv_refuses_an_image_of_another_size():
+    with pytest.raises(ValueError, match="differ in size"):
+        encode_nuclei_csv(two_nuclei(), np.zeros((10, 10), np.uint16))
 
 
 def test_overlay_draws_outlines_and_keeps_the_rest():
@@ -186,3 +226,16 @@ def test_encode_outputs_names_all_five_files():
         "slide.1.overlay.png",
     }
     assert all(len(data) > 0 for data in outputs.values())
+
+
+def test_encode_outputs_takes_intensities_from_the_original():
+    labels = two_nuclei()
+    original = np.where(labels > 0, 30000, 1000).astype(np.uint16)
+    rendering = np.where(labels > 0, 255, 0).astype(np.uint8)[:, :, None].repeat(3, axis=2)
+    outputs = encode_outputs(rendering, labels > 0, labels, "cells", original)
+    rows = parse_csv(outputs["cells.nuclei.csv"])
+    assert [float(row["mean_intensity"]) for row in rows] == [30000, 30000]
+    overlay = decode_image(outputs["cells.overlay.png"], "overlay.png")
+    assert tuple(overlay[0, 0]) == (0, 0, 0)  # drawn on the 8-bit rendering
+    rows = parse_csv(encode_outputs(rendering, labels > 0, labels, "cells")["cells.nuclei.csv"])
+    assert [float(row["mean_intensity"]) for row in rows] == [255, 255]  # default: the image

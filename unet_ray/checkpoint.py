@@ -17,15 +17,25 @@ FORMAT = "unet_ray.checkpoint/1"
 
 
 def save_checkpoint(
-    directory: str, model: torch.nn.Module, config: dict[str, Any], metrics: dict[str, Any]
+    directory: str,
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    samples: dict[str, list[str]] | None = None,
 ) -> None:
-    """Write ``model.pt`` and ``config.json`` into ``directory`` (local path or s3://), each whole."""
+    """Write ``model.pt`` and ``config.json`` into ``directory`` (local path or s3://), each whole.
+
+    ``samples`` (the source image ids of each split) lets `unet-ray evaluate --split val` pick
+    the validation images out of a raw DSB2018 layout.
+    """
     io.make_dirs(directory)
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     buffer = _bytes_io.BytesIO()
     torch.save(model.state_dict(), buffer)
     io.write_bytes_atomic(io.join_uri(directory, MODEL_FILE), buffer.getvalue())
     info = {"format": FORMAT, "config": config, "metrics": metrics}
+    if samples:
+        info["samples"] = samples
     io.write_bytes_atomic(
         io.join_uri(directory, CONFIG_FILE), json.dumps(info, indent=2, default=float).encode()
     )
@@ -61,5 +71,5 @@ def load_model(directory: str, device: str | torch.device = "cpu"):
     except Exception as error:  # torch raises several types for corrupt files
         raise ValueError(f"{model_uri} is not a readable PyTorch state_dict: {error}") from error
     model = UNetVGG16BN(decoder_batchnorm=config.model.decoder_batchnorm)
-    model.load_state_dict(state)
+    model.load_state_dict(state)  # SyncBatchNorm layers save the keys of plain BatchNorm
     return model.to(device).eval(), info

@@ -5,10 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from unet_ray.config import LOSSES, SCHEDULERS, Config, load_config
+from unet_ray.config import (
+    ENCODER_IMAGENET,
+    ENCODER_NONE,
+    EVALUATE_SPLITS,
+    LOSSES,
+    SCHEDULERS,
+    Config,
+    load_config,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -35,7 +44,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-lr", type=float, help="maximum learning rate of the schedule")
     parser.add_argument("--scheduler", choices=SCHEDULERS)
     parser.add_argument("--loss", choices=LOSSES)
-    parser.add_argument("--image-size", type=int, help="training tile side, multiple of 32")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="side of the training crops fed to the network, multiple of 32 (random crops of "
+        "larger tiles)",
+    )
+    parser.add_argument(
+        "--tile-size",
+        type=int,
+        help="tile side when raw data is prepared on the fly (default 256, at least --image-size)",
+    )
     parser.add_argument("--val-fraction", type=float, help="fraction of images held out")
     parser.add_argument("--elastic-probability", type=float)
     parser.add_argument("--synth-count", type=int, help="synthetic images when --data is omitted")
@@ -43,7 +62,32 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     parser.add_argument("--max-failures", type=int, help="worker failures survived by resuming")
-    parser.add_argument("--encoder-weights", help="local torchvision vgg16_bn state-dict file")
+    parser.add_argument(
+        "--encoder-weights",
+        metavar="imagenet|none|PATH",
+        help="imagenet (default: torchvision's ImageNet weights from torch's hub cache, "
+        "downloaded once), none (random encoder) or a torchvision vgg16_bn state-dict file",
+    )
+    parser.add_argument(
+        "--encoder-lr-scale",
+        type=float,
+        help="learning rate of a pretrained encoder relative to the decoder's (default 0.1)",
+    )
+    parser.add_argument(
+        "--warmup-epochs", type=float, help="linear learning-rate warm-up (default 1 epoch)"
+    )
+    parser.add_argument(
+        "--min-steps-per-epoch",
+        type=int,
+        help="small sets: draw augmented tiles until an epoch has this many steps (default 100)",
+    )
+    parser.add_argument(
+        "--no-sync-batchnorm",
+        dest="sync_batchnorm",
+        action="store_false",
+        default=None,
+        help="plain BatchNorm per GPU (default: SyncBatchNorm with more than one GPU worker)",
+    )
     parser.add_argument("--freeze-encoder", action="store_true", default=None)
     parser.add_argument("--decoder-batchnorm", action="store_true", default=None)
 
@@ -65,11 +109,7 @@ _TRAIN_OVERRIDES = (
     ("scheduler", "train", "scheduler"),
     ("loss", "train", "loss"),
     ("image_size", "data", "image_size"),
-    (
-        "image_size",
-        "data",
-        "tile_size",
-    ),  # raw data prepared on the fly is tiled at the training size
+    ("tile_size", "data", "tile_size"),
     ("val_fraction", "data", "val_fraction"),
     ("elastic_probability", "data", "elastic_probability"),
     ("synth_count", "data", "synth_count"),
@@ -78,6 +118,10 @@ _TRAIN_OVERRIDES = (
     ("gpu", "train", "use_gpu"),
     ("max_failures", "train", "max_failures"),
     ("encoder_weights", "model", "encoder_weights"),
+    ("encoder_lr_scale", "train", "encoder_lr_scale"),
+    ("warmup_epochs", "train", "warmup_epochs"),
+    ("min_steps_per_epoch", "train", "min_steps_per_epoch"),
+    ("sync_batchnorm", "train", "sync_batchnorm"),
     ("freeze_encoder", "model", "freeze_encoder"),
     ("decoder_batchnorm", "model", "decoder_batchnorm"),
 )
@@ -96,13 +140,31 @@ def apply_smoke_test_defaults(args: argparse.Namespace, defaults: dict, prefix: 
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The --config file (or defaults) with every flag the user gave applied on top, validated."""
-    values = load_config(getattr(args, "config", None)).to_dict()
+    """The --config file (or defaults) with every flag the user gave applied on top, validated.
+
+    Local paths are made absolute against the user's working directory here, before any Ray
+    worker (which runs in a directory of Ray's) sees them. Tiles are at least as large as the
+    training crops (``--image-size 320`` alone prepares raw data in 320-px tiles)."""
+    values = load_config(absolute_path(getattr(args, "config", None))).to_dict()
     for attribute, section, field_name in _TRAIN_OVERRIDES:
         value = getattr(args, attribute, None)
         if value is not None:
             values[section][field_name] = value
+    data = values["data"]
+    if getattr(args, "tile_size", None) is None:
+        data["tile_size"] = max(data["tile_size"], data["image_size"])
+    data["source"] = absolute_path(data["source"])
+    values["train"]["output"] = absolute_path(values["train"]["output"])
+    if values["model"]["encoder_weights"] not in (ENCODER_IMAGENET, ENCODER_NONE):
+        values["model"]["encoder_weights"] = absolute_path(values["model"]["encoder_weights"])
     return Config.from_dict(values)
+
+
+def absolute_path(uri: str | None) -> str | None:
+    """A local path made absolute (``~`` expanded); s3:// URIs and None unchanged."""
+    if uri is None or str(uri).startswith("s3://"):
+        return uri
+    return os.path.abspath(os.path.expanduser(str(uri)))
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -122,7 +184,9 @@ def command_prepare(args: argparse.Namespace) -> int:
     from unet_ray.data import prepare_dataset
 
     _init_ray()
-    info = prepare_dataset(args.src, args.out, args.tile, args.val_fraction, args.seed)
+    info = prepare_dataset(
+        absolute_path(args.src), absolute_path(args.out), args.tile, args.val_fraction, args.seed
+    )
     print(
         f"prepared {info['train']['tiles']} training and {info['val']['tiles']} validation "
         f"tiles of {info['tile_size']} px in {args.out}"
@@ -153,7 +217,9 @@ def command_tune(args: argparse.Namespace) -> int:
 def command_evaluate(args: argparse.Namespace) -> int:
     from unet_ray.evaluate import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, split=args.split)
+    metrics = evaluate_checkpoint(
+        absolute_path(args.checkpoint), absolute_path(args.data), split=args.split
+    )
     print(json.dumps(metrics, indent=2))
     return EXIT_OK
 
@@ -178,7 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unet-ray",
         description="Train, tune and run a VGG16_bn U-Net for nucleus segmentation on Ray.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, with Ray's progress bars and INFO lines",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     synth = commands.add_parser("synth", help="write a synthetic DSB2018-layout dataset")
@@ -211,7 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="print a JSON object of metrics")
     evaluate.add_argument("checkpoint", metavar="CHECKPOINT")
     evaluate.add_argument("data", metavar="DATA", help="DSB2018 layout or prepared shards")
-    evaluate.add_argument("--split", default="val", help="split of prepared shards (default val)")
+    evaluate.add_argument(
+        "--split",
+        default="val",
+        choices=EVALUATE_SPLITS,
+        help="images to score: val (default: the checkpoint's validation images), train, or "
+        "all images of a raw DSB2018 layout",
+    )
     evaluate.set_defaults(handler=command_evaluate)
 
     segment = commands.add_parser("segment", help="segment an image collection on Ray Data")
@@ -229,6 +306,8 @@ def _add_segment_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ["UNET_RAY_VERBOSE"] = "1"  # read by unet_ray.train.init_ray
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -16,15 +16,23 @@ import yaml
 SCHEDULERS = ("warm-restart", "cyclic", "constant")
 LOSSES = ("bce", "dice", "bce+dice")
 TILING_SCHEMES = ("default", "reference")
+EVALUATE_SPLITS = ("val", "train", "all")  # `unet-ray evaluate --split`
 IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * step, 2) for step in range(10))  # DSB2018: 0.50..0.95
 SIZE_MULTIPLE = 32  # five 2x2 max-pools: input sides must be multiples of 2**5
 
 
+ENCODER_IMAGENET = "imagenet"  # torchvision's VGG16_BN_Weights.IMAGENET1K_V1 via torch's hub cache
+ENCODER_NONE = "none"  # randomly initialised encoder
+
+
 @dataclass
 class ModelConfig:
-    encoder_weights: str | None = (
-        None  # local torchvision vgg16_bn state-dict file; None: hub cache or random
-    )
+    # "imagenet" (torchvision's ImageNet weights through the hub cache, downloaded once),
+    # "none" (random) or a local torchvision vgg16_bn state-dict file
+    encoder_weights: str = ENCODER_IMAGENET
+    # filled in when training starts: the weights file used and its SHA-256 prefix ("" for none)
+    encoder_weights_file: str = ""
+    encoder_weights_sha256: str = ""
     freeze_encoder: bool = False  # keep the VGG16_bn encoder fixed during training
     decoder_batchnorm: bool = (
         False  # batch-norm in the decoder (report: off, lowers border contrast)
@@ -60,11 +68,20 @@ class TrainConfig:
     max_lr: float = 0.4  # maximum learning rate of the schedule (report optimum: 0.4)
     min_lr: float = 1e-4  # floor of the warm-restart and cyclic schedules
     scheduler: str = "warm-restart"  # warm-restart | cyclic | constant
-    restart_epochs: int = 10  # warm-restart: epochs in the first cosine cycle
+    # warm-restart: epochs of the first cosine cycle (each next one twice as long); 0 sizes the
+    # cycles so that `epochs` ends exactly at the end of the `restart_cycles`-th cycle
+    restart_epochs: float = 0
+    restart_cycles: int = 2  # warm-restart with restart_epochs 0: 40 epochs -> 13.3 + 26.7
     cycle_epochs: int = 4  # cyclic: epochs per triangular cycle (up and down)
+    warmup_epochs: float = 1.0  # linear learning-rate warm-up from 0 over this many epochs
+    # learning rate of a pretrained encoder relative to the decoder's (1.0 for a random encoder)
+    encoder_lr_scale: float = 0.1
+    min_steps_per_epoch: int = 100  # small sets: an epoch draws augmented tiles until this many
+    shuffle_buffer_tiles: int = 256  # training tiles mixed in each worker's shuffle buffer
+    sync_batchnorm: bool = True  # SyncBatchNorm when training on more than one GPU
     loss: str = "bce"  # bce | dice | bce+dice
     momentum: float = 0.9  # SGD momentum (report: 0.9)
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # not applied to batch-norm weights and biases
     grad_clip: float = 1.0  # max gradient norm; large max_lr with SGD needs it
     workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
@@ -168,10 +185,34 @@ def validate(config: Config) -> None:
         raise ValueError("train.workers, train.batch_size and train.epochs must all be at least 1")
     if config.train.max_lr <= 0:
         raise ValueError(f"train.max_lr={config.train.max_lr} must be positive")
+    check_batch_divides(config.train.batch_size, config.train.workers)
+    if config.train.restart_epochs < 0 or config.train.restart_cycles < 1:
+        raise ValueError("train.restart_epochs must be >= 0 and train.restart_cycles >= 1")
+    if config.train.warmup_epochs < 0 or config.train.min_steps_per_epoch < 1:
+        raise ValueError("train.warmup_epochs must be >= 0 and train.min_steps_per_epoch >= 1")
+    if config.train.encoder_lr_scale < 0:
+        raise ValueError(f"train.encoder_lr_scale={config.train.encoder_lr_scale} must be >= 0")
+    if config.train.shuffle_buffer_tiles < 1:
+        raise ValueError("train.shuffle_buffer_tiles must be at least 1")
     if not 0.0 <= config.data.elastic_probability <= 1.0:
         raise ValueError(
             f"data.elastic_probability={config.data.elastic_probability} must be in [0, 1]"
         )
+
+
+def check_batch_divides(batch_size: int, workers: int) -> None:
+    """The global batch is split evenly across the workers: refuse one that does not divide,
+    naming the nearest sizes that do."""
+    if batch_size % workers == 0:
+        return
+    lower = (batch_size // workers) * workers
+    upper = lower + workers
+    choices = " or ".join(str(size) for size in (lower, upper) if size >= workers)
+    raise ValueError(
+        f"train.batch_size={batch_size} (--batch-size) is not divisible by "
+        f"train.workers={workers} (--workers): the global batch is split evenly across the "
+        f"workers; use {choices}"
+    )
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -6,6 +6,9 @@ Prepared dataset layout (``unet-ray prepare SRC OUT``)::
                             "source", "train": {"samples": [ids], "tiles": n}, "val": {...}}
     OUT/train/*.parquet    one row per tile (``TILE_SCHEMA``), zstd-compressed
     OUT/val/*.parquet
+    OUT/val_images/*.parquet  one row per whole validation image (``IMAGE_SCHEMA``): validation
+                           and `evaluate` score images at native size, as the DSB2018 score is
+                           defined, not 256-px tiles
 
 ``dataset.json`` is written last, so a folder holding it is completely prepared; a failed or
 interrupted ``prepare`` leaves no ``dataset.json`` (an earlier one is removed first).
@@ -13,9 +16,9 @@ interrupted ``prepare`` leaves no ``dataset.json`` (an earlier one is removed fi
 Standardisation (the reference report: "images bigger than 256x256 were sliced; smaller ones were
 symmetrically padded"), per image side independently:
 
-- a side >= tile is covered by ``ceil(side / tile)`` tiles; all start on multiples of ``tile``
-  except the last, which is aligned to the image edge and so overlaps its neighbour. Every pixel
-  lands in some tile and no tile needs padding;
+- a side >= tile is covered by ``ceil(side / tile)`` tiles spread evenly from edge to edge
+  (``tile_starts``), so the overlap between neighbours is shared out, never a near-duplicate
+  tile at the edge. Every pixel lands in some tile and no tile needs padding;
 - a side < tile is padded symmetrically (``np.pad`` mode ``"symmetric"``: mirrored, edge pixel
   repeated) to ``tile``: ``(tile - side) // 2`` before and the rest (one more when odd) after.
   The labels are padded the same way, so the mask stays the threshold of the mirrored image;
@@ -51,11 +54,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 logger = logging.getLogger(__name__)
 
-DATASET_FORMAT = "unet_ray.tiles/1"
+DATASET_FORMAT = "unet_ray.tiles/2"  # /2: evenly spaced tiles, whole validation images
 DATASET_INFO_FILE = "dataset.json"
 TRAIN_SPLIT = "train"
 VAL_SPLIT = "val"
 SPLITS = (TRAIN_SPLIT, VAL_SPLIT)
+VAL_IMAGES_DIR = "val_images"  # whole validation images, one row each
 RGB_CHANNELS = 3
 PADDING_MODE = "symmetric"  # the report's "symmetrically padded"
 PARQUET_COMPRESSION = "zstd"
@@ -74,6 +78,16 @@ TILE_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("image", pa.binary()),  # height*width*3 uint8, C-order RGB
         ("labels", pa.binary()),  # height*width int32 instance labels; mask = labels > 0
+    ]
+)
+
+IMAGE_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("image", pa.binary()),  # height*width*3 uint8 RGB
+        ("labels", pa.binary()),  # height*width int32 instance labels
     ]
 )
 
@@ -100,12 +114,15 @@ ELASTIC_SIGMA = 12.0  # smoothing of the random displacement field (pixels)
 
 
 def tile_starts(side: int, tile_size: int) -> list[int]:
-    """Tile start offsets along one side >= tile_size: multiples of the tile, the last one
-    aligned to the far edge (it overlaps its neighbour unless the side is a multiple)."""
+    """Tile start offsets along one side >= tile_size: the fewest tiles that cover the side,
+    spread evenly from edge to edge, so neighbours overlap by no more than the side needs
+    (520 px at 256: starts 0, 132, 264, overlaps 124 px; edge-aligned tiles would overlap 248)."""
     if side < tile_size:
         raise ValueError(f"side {side} is smaller than the tile {tile_size}: pad it first")
     count = math.ceil(side / tile_size)
-    return [index * tile_size for index in range(count - 1)] + [side - tile_size]
+    if count == 1:
+        return [0]
+    return [round(index * (side - tile_size) / (count - 1)) for index in range(count)]
 
 
 def padding_widths(side: int, tile_size: int) -> tuple[int, int]:
@@ -231,6 +248,23 @@ def read_sample_tiles(batch: dict[str, np.ndarray], tile_size: int) -> pa.Table:
     return pa.table(columns, schema=TILE_SCHEMA)
 
 
+def read_whole_samples(batch: dict[str, np.ndarray]) -> pa.Table:
+    """Ray Data UDF: whole images and labels of one batch of raw samples (``IMAGE_SCHEMA``)."""
+    columns: dict[str, list] = {name: [] for name in IMAGE_SCHEMA.names}
+    for source, sample_id in zip(batch["source"], batch["sample_id"], strict=True):
+        ref = io.SampleRef(source=str(source), sample_id=str(sample_id))
+        try:
+            image, labels = io.read_dsb_sample(ref)
+        except Exception as error:
+            raise sample_error(ref, error) from error
+        columns["sample_id"].append(ref.sample_id)
+        columns["height"].append(image.shape[0])
+        columns["width"].append(image.shape[1])
+        columns["image"].append(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+        columns["labels"].append(np.ascontiguousarray(labels, dtype=np.int32).tobytes())
+    return pa.table(columns, schema=IMAGE_SCHEMA)
+
+
 def sample_error(ref: io.SampleRef, error: Exception) -> io.DatasetError:
     """A DatasetError whose first line names the sample (once) and the problem."""
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -278,6 +312,8 @@ def prepare_dataset(
         split_refs = [ref for ref in refs if ref.sample_id in members]
         tiles = write_split_shards(split_refs, io.join_uri(output, split), tile_size, ray)
         info[split] = {"samples": splits[split], "tiles": tiles}
+        if split == VAL_SPLIT:
+            write_split_images(split_refs, io.join_uri(output, VAL_IMAGES_DIR), ray)
         logger.info("prepared %s: %d images, %d tiles", split, len(split_refs), tiles)
     io.write_bytes_atomic(
         io.join_uri(output, DATASET_INFO_FILE), json.dumps(info, indent=2).encode()
@@ -287,34 +323,79 @@ def prepare_dataset(
 
 def write_split_shards(refs: list[io.SampleRef], split_uri: str, tile_size: int, ray) -> int:
     """Run the read -> standardise -> write_parquet job for one split; returns its tile count."""
-    filesystem, path = io.resolve_filesystem(split_uri)
+    return _write_parquet_job(
+        refs,
+        split_uri,
+        ray,
+        read_sample_tiles,
+        {"tile_size": tile_size},
+        TILE_SCHEMA,
+        SAMPLES_PER_READ_TASK,
+        MIN_TILES_PER_SHARD,
+    )
+
+
+def write_split_images(refs: list[io.SampleRef], images_uri: str, ray) -> int:
+    """Write the whole images of one split (one row, one row group each, so that a validation
+    worker reads only the images it scores); returns their count."""
+    return _write_parquet_job(refs, images_uri, ray, read_whole_samples, {}, IMAGE_SCHEMA, 1, None)
+
+
+def _write_parquet_job(
+    refs, uri: str, ray, function, fn_kwargs, schema, samples_per_task, min_rows_per_file
+) -> int:
+    filesystem, path = io.resolve_filesystem(uri)
     if not refs:
         filesystem.delete_dir_contents(path, missing_dir_ok=True)
         return 0
     items = [{"source": ref.source, "sample_id": ref.sample_id} for ref in refs]
     samples = ray.data.from_items(
-        items, override_num_blocks=math.ceil(len(items) / SAMPLES_PER_READ_TASK)
+        items, override_num_blocks=math.ceil(len(items) / samples_per_task)
     )
     samples.context.raise_original_map_exception = True  # keep DatasetError, not a wrapper
-    tiles = samples.map_batches(
-        read_sample_tiles,
-        fn_kwargs={"tile_size": tile_size},
-        batch_size=SAMPLES_PER_READ_TASK,
-        batch_format="numpy",
+    rows = samples.map_batches(
+        function, fn_kwargs=fn_kwargs, batch_size=samples_per_task, batch_format="numpy"
     )
     try:
-        tiles.write_parquet(
+        rows.write_parquet(
             path,
             filesystem=filesystem,
-            min_rows_per_file=MIN_TILES_PER_SHARD,
+            min_rows_per_file=min_rows_per_file,
             mode=ray.data.SaveMode.OVERWRITE,
-            schema=TILE_SCHEMA,
+            schema=schema,
             compression=PARQUET_COMPRESSION,
         )
     except io.DatasetError as error:  # Ray re-raises it as RayTaskError(DatasetError)
         cause = getattr(error, "cause", error)
         raise io.DatasetError(str(cause).splitlines()[0]) from None
-    return count_rows(split_uri)
+    return count_rows(uri)
+
+
+def read_split_images(prepared_uri: str, sample_ids: list[str] | None = None):
+    """(sample_id, RGB uint8 image, int32 labels) of the whole validation images of prepared
+    shards, in ``sample_ids`` order (all of them, sorted, when None). Only the row groups of the
+    requested images are read."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    uri = io.join_uri(str(prepared_uri), VAL_IMAGES_DIR)
+    filesystem, path = io.resolve_filesystem(uri)
+    if sample_ids is not None and not sample_ids:
+        return
+    dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
+    wanted = None if sample_ids is None else pc.field("sample_id").isin(list(sample_ids))
+    table = dataset.to_table(filter=wanted)
+    rows = {row["sample_id"]: row for row in table.to_pylist()}
+    order = sorted(rows) if sample_ids is None else list(sample_ids)
+    missing = [sample_id for sample_id in order if sample_id not in rows]
+    if missing:
+        raise io.DatasetError(f"prepared dataset {prepared_uri} lacks validation images {missing}")
+    for sample_id in order:
+        row = rows.pop(sample_id)
+        shape = (row["height"], row["width"])
+        image = np.frombuffer(row["image"], dtype=np.uint8).reshape(*shape, RGB_CHANNELS)
+        labels = np.frombuffer(row["labels"], dtype=np.int32).reshape(shape)
+        yield sample_id, image, labels
 
 
 def count_rows(split_uri: str) -> int:
@@ -387,9 +468,16 @@ def ensure_prepared(
         "seed": int(seed),
     }
     if is_prepared(cache_uri):
-        info = read_dataset_info(cache_uri)
+        try:
+            info = read_dataset_info(cache_uri)
+        except io.DatasetError as error:  # an older format: prepare again
+            logger.info("preparing %s again: %s", cache_uri, error)
+            info = {}
         same_settings = all(info.get(key) == value for key, value in wanted.items())
-        cached_ids = sorted(info[TRAIN_SPLIT]["samples"] + info[VAL_SPLIT]["samples"])
+        cached_ids = sorted(
+            info.get(TRAIN_SPLIT, {}).get("samples", [])
+            + info.get(VAL_SPLIT, {}).get("samples", [])
+        )
         if same_settings and cached_ids == [ref.sample_id for ref in io.list_dsb_samples(source)]:
             logger.info("using prepared shards in %s", cache_uri)
             return str(cache_uri)
@@ -398,9 +486,11 @@ def ensure_prepared(
     return str(cache_uri)
 
 
-def load_split(prepared_uri: str, split: str, passes: int = 1):
+def load_split(prepared_uri: str, split: str, passes: int = 1, shuffle_files: bool = False):
     """The Parquet tiles of one split as a lazy ray.data.Dataset (TILE_SCHEMA rows), read
-    ``passes`` times over, one pass after the other, in one dataset."""
+    ``passes`` times over, one pass after the other, in one dataset. ``shuffle_files`` reads the
+    files of every pass in a fresh random order (the tiles of one file are mixed by the
+    consumer's shuffle buffer)."""
     import ray
 
     if split not in SPLITS:
@@ -412,7 +502,7 @@ def load_split(prepared_uri: str, split: str, passes: int = 1):
         raise io.DatasetError(f"prepared dataset {prepared_uri} has no {split} tiles")
     split_uri = io.join_uri(str(prepared_uri), split)
     filesystem, path = io.resolve_filesystem(split_uri)
-    if passes == 1:
+    if passes == 1 and not shuffle_files:
         return read_parquet_v1(ray, path, filesystem)
     shards = [  # io.list_files skips hidden files; Ray also skips "_" files in a folder
         io.resolve_filesystem(uri)[1]
@@ -421,7 +511,16 @@ def load_split(prepared_uri: str, split: str, passes: int = 1):
     ]
     if not shards:
         raise io.DatasetError(f"prepared dataset {prepared_uri} has no {split} Parquet files")
-    return read_parquet_v1(ray, shards * passes, filesystem)
+    rng = np.random.default_rng() if shuffle_files else None  # unseeded: every run its own
+    return read_parquet_v1(ray, shuffled_passes(shards, passes, rng), filesystem)
+
+
+def shuffled_passes(files: list[str], passes: int, rng: np.random.Generator | None) -> list[str]:
+    """``passes`` passes over ``files`` one after the other, each in a new random order drawn
+    from ``rng`` (as listed without one)."""
+    if rng is None:
+        return list(files) * passes
+    return [files[index] for _ in range(passes) for index in rng.permutation(len(files))]
 
 
 def read_parquet_v1(ray, path: str | list[str], filesystem):
@@ -559,9 +658,15 @@ def to_model_batch(images: list[np.ndarray], labels: list[np.ndarray]) -> dict[s
 
 
 def augment_batch(
-    batch: dict[str, np.ndarray], image_size: int, augment: bool, elastic_probability: float
+    batch: dict[str, np.ndarray],
+    image_size: int,
+    augment: bool,
+    elastic_probability: float,
+    copies: int = 1,
 ) -> dict[str, np.ndarray]:
-    """Ray Data UDF for training tiles: random crop, augmentation, model tensors.
+    """Ray Data UDF for training tiles: random crop, augmentation, model tensors; ``copies``
+    independent draws per tile (small sets: an epoch holds at least ``min_steps_per_epoch``
+    steps of augmented tiles drawn again and again from the same few).
 
     Unseeded on purpose: every epoch re-runs this with new random crops and transformations.
     """
@@ -571,36 +676,40 @@ def augment_batch(
     rng = np.random.default_rng()
     transform = cached_augmentation(elastic_probability) if augment else None
     images, labels = [], []
-    for image, label in zip(*decode_tiles(batch), strict=True):
-        window = crop_window(image.shape[0], image.shape[1], image_size, rng)
-        image, label = image[window], label[window]
-        if transform is not None:
-            image, label = augment_sample(np.ascontiguousarray(image), label, transform)
-        images.append(image)
-        labels.append(label)
+    for tile_image, tile_label in zip(*decode_tiles(batch), strict=True):
+        for _ in range(copies):
+            window = crop_window(tile_image.shape[0], tile_image.shape[1], image_size, rng)
+            image, label = tile_image[window], tile_label[window]
+            if transform is not None:
+                image, label = augment_sample(np.ascontiguousarray(image), label, transform)
+            images.append(image)
+            labels.append(label)
     return to_model_batch(images, labels)
 
 
-def validation_batch(batch: dict[str, np.ndarray], crop_size: int | None) -> dict[str, np.ndarray]:
-    """Ray Data UDF for validation tiles: whole tiles (or a centre crop), no augmentation."""
-    images, labels = decode_tiles(batch)
-    if crop_size is not None:
-        windows = [crop_window(*image.shape[:2], crop_size, None) for image in images]
-        images = [image[window] for image, window in zip(images, windows, strict=True)]
-        labels = [label[window] for label, window in zip(labels, windows, strict=True)]
-    return to_model_batch(images, labels)
+def tile_copies(train_tiles: int, world_size: int, batch_size: int, min_steps: int) -> int:
+    """Augmented draws per training tile and epoch: 1 when one pass over the tiles already makes
+    ``min_steps`` steps of ``batch_size`` on each of ``world_size`` workers; otherwise the fewest
+    whose tiles fill ``min_steps`` full batches on every worker (small sets)."""
+    if train_tiles < 1:
+        raise ValueError("no training tiles")
+    if math.ceil((train_tiles // world_size) / batch_size) >= min_steps:
+        return 1
+    return math.ceil(min_steps * batch_size * world_size / train_tiles)
 
 
-def build_training_datasets(prepared_uri: str, data: DataConfig, passes: int = 1) -> dict:
-    """Lazy Ray datasets {"train": ..., "val": ...} of model batches (see ``to_model_batch``).
+def build_training_datasets(
+    prepared_uri: str, data: DataConfig, passes: int = 1, copies: int = 1
+) -> dict:
+    """The lazy Ray dataset {"train": ...} of augmented model batches (see ``to_model_batch``).
 
-    train: ``passes`` passes over the training tiles -> random ``data.image_size`` crop ->
-    augmentation (when ``data.augment``), new random draws for every tile of every pass. One
-    iteration of it serves ``passes`` epochs (``unet_ray.train.stream_batches``), so Ray Data
-    starts its pipeline once for all of them instead of once per epoch. val: whole tiles, not
-    augmented, when the tile side is a multiple of 32 (the network's constraint); otherwise the
-    centre ``image_size`` crop. "val" is left out when the dataset has no validation tiles.
-    Shuffling is left to the consumer (``iter_torch_batches(local_shuffle_buffer_size=...)``).
+    ``passes`` passes over the training tiles, each reading the Parquet files in a fresh random
+    order -> ``copies`` random ``data.image_size`` crops per tile (tiles larger than the
+    network input give a new crop every time) -> augmentation (when ``data.augment``), new random
+    draws for every tile of every pass. One iteration of it serves all epochs
+    (``unet_ray.train.stream_batches``), so Ray Data starts its pipeline once. Tiles are mixed by
+    the consumer's shuffle buffer (``iter_torch_batches(local_shuffle_buffer_size=...)``).
+    Validation reads whole images (``read_split_images``), not tiles, and is not a Ray dataset.
     """
     info = read_dataset_info(prepared_uri)
     tile_size = int(info["tile_size"])
@@ -612,24 +721,18 @@ def build_training_datasets(prepared_uri: str, data: DataConfig, passes: int = 1
             f"image size {image_size} is larger than the prepared tiles ({tile_size}) of "
             f"{prepared_uri}; lower --image-size or prepare again with --tile {image_size}"
         )
-    datasets = {
-        TRAIN_SPLIT: load_split(prepared_uri, TRAIN_SPLIT, passes).map_batches(
+    if copies < 1:
+        raise ValueError(f"copies must be at least 1, got {copies}")
+    return {
+        TRAIN_SPLIT: load_split(prepared_uri, TRAIN_SPLIT, passes, shuffle_files=True).map_batches(
             augment_batch,
             fn_kwargs={
                 "image_size": image_size,
                 "augment": bool(data.augment),
                 "elastic_probability": float(data.elastic_probability),
+                "copies": int(copies),
             },
-            batch_size=AUGMENT_BATCH_SIZE,
+            batch_size=max(1, AUGMENT_BATCH_SIZE // copies),
             batch_format="numpy",
         )
     }
-    if info[VAL_SPLIT]["tiles"]:
-        crop_size = None if tile_size % SIZE_MULTIPLE == 0 else image_size
-        datasets[VAL_SPLIT] = load_split(prepared_uri, VAL_SPLIT).map_batches(
-            validation_batch,
-            fn_kwargs={"crop_size": crop_size},
-            batch_size=AUGMENT_BATCH_SIZE,
-            batch_format="numpy",
-        )
-    return datasets

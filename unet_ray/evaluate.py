@@ -1,15 +1,21 @@
-"""`unet-ray evaluate`: a checkpoint's metrics on DSB2018-layout data or prepared shards. No Ray."""
+"""Per-image scores through the segmentation inference path, and `unet-ray evaluate`. No Ray.
+
+Validation during training and `unet-ray evaluate` score whole source images at native size,
+tiled exactly as `unet-ray segment` tiles them, because the DSB2018 score is a mean over images:
+averaging over 256-px tiles weights big images more and cuts nuclei at tile borders.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from unet_ray import io
 from unet_ray.checkpoint import load_model
-from unet_ray.config import Config
+from unet_ray.config import EVALUATE_SPLITS, Config, InstanceConfig, SegmentConfig
 from unet_ray.instances import labels_from_probabilities
 from unet_ray.metrics import (
     dsb_image_score,
@@ -18,75 +24,132 @@ from unet_ray.metrics import (
     iou_from_counts,
     pixel_counts,
 )
-from unet_ray.segment import make_batch_predictor, predict_probabilities
-from unet_ray.tiling import plan_whole_image
+from unet_ray.segment import make_batch_predictor, plan_image, sigmoid_in_place
+from unet_ray.tiling import predict_tiled
+
+COUNT_KEYS = ("tp", "fp", "fn", "inst_tp", "inst_fp", "inst_fn")
 
 
-def predict_whole_image(
-    model: torch.nn.Module, image: np.ndarray, device: str = "cpu"
-) -> np.ndarray:
-    """Whole-image nucleus probabilities (one reflect-padded window) of an RGB uint8 image."""
+def predict_logits(model, image: np.ndarray, segment: SegmentConfig, device: str) -> np.ndarray:
+    """Whole-image logits (H x W float32) of an RGB uint8 image, tiled as `segment` tiles it."""
     height, width = image.shape[:2]
-    return predict_probabilities(
-        image, plan_whole_image(height, width), make_batch_predictor(model, device), batch_size=1
+    return predict_tiled(
+        image,
+        plan_image(height, width, segment),
+        make_batch_predictor(model, str(device)),
+        segment.batch_size,
     )
 
 
-def iterate_samples(data: str, split: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, RGB uint8 image, int32 labels) for every sample of a DSB2018 layout or prepared split."""
-    from unet_ray.data import is_prepared
+def score_image(
+    name: str, probabilities: np.ndarray, truth: np.ndarray, instances: InstanceConfig
+) -> dict[str, Any]:
+    """One image's row: pixel and instance counts, pixel F1, instance F1 at IoU 0.5, DSB score."""
+    predicted = labels_from_probabilities(
+        probabilities, instances.threshold, instances.min_size, instances.min_distance
+    )
+    tp, fp, fn = pixel_counts(probabilities > instances.threshold, truth > 0)
+    inst_tp, inst_fp, inst_fn = instance_counts(truth, predicted, 0.5)
+    return {
+        "image": name,
+        "pixel_f1": f1_from_counts(tp, fp, fn),
+        "dsb_score": dsb_image_score(truth, predicted),
+        "f1_50": f1_from_counts(inst_tp, inst_fp, inst_fn),
+        "nuclei_true": int(len(np.unique(truth[truth > 0]))),
+        "nuclei_pred": int(predicted.max()) if predicted.size else 0,
+        **dict(zip(COUNT_KEYS, (tp, fp, fn, inst_tp, inst_fp, inst_fn), strict=True)),
+    }
 
+
+def summarise_scores(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pixel F1 / IoU from counts summed over all images, ``dsb_score`` the mean of the images'
+    DSB2018 scores, ``f1_50`` from instance counts summed over all images, ``n_images``."""
+    if not rows:
+        raise ValueError("no images were scored")
+    totals = {key: sum(row[key] for row in rows) for key in COUNT_KEYS}
+    return {
+        "pixel_f1": f1_from_counts(totals["tp"], totals["fp"], totals["fn"]),
+        "pixel_iou": iou_from_counts(totals["tp"], totals["fp"], totals["fn"]),
+        "dsb_score": float(np.mean([row["dsb_score"] for row in rows])),
+        "f1_50": f1_from_counts(totals["inst_tp"], totals["inst_fp"], totals["inst_fn"]),
+        "n_images": len(rows),
+    }
+
+
+def iterate_samples(
+    data: str, split: str, recorded: dict[str, list[str]] | None = None
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, RGB uint8 image, int32 labels) of the images of ``split``.
+
+    Prepared shards: their whole validation images (``val``). A raw DSB2018 layout: ``all`` its
+    samples, or the ``val`` / ``train`` images of the split recorded in the checkpoint
+    (``recorded``, the sample ids `prepare` put in each split).
+    """
+    from unet_ray.data import is_prepared, read_split_images
+
+    if split not in EVALUATE_SPLITS:
+        raise ValueError(f"--split {split!r} is not one of {EVALUATE_SPLITS}")
     if is_prepared(data):
-        yield from _iterate_prepared_tiles(data, split)
+        if split != "val":
+            raise ValueError(
+                f"prepared shards {data} keep whole images of the validation split only: use "
+                f"--split val, or evaluate the raw DSB2018 layout with --split {split}"
+            )
+        yield from read_split_images(data)
         return
-    for ref in io.list_dsb_samples(data):
+    refs = io.list_dsb_samples(data)
+    if split != "all":
+        if not recorded or split not in recorded:
+            raise ValueError(
+                f"the checkpoint records no {split!r} split to pick images of {data} by: pass "
+                f"--split all, or the prepared shards it was trained on"
+            )
+        wanted = set(recorded[split])
+        refs = [ref for ref in refs if ref.sample_id in wanted]
+        if not refs:
+            raise ValueError(
+                f"none of the checkpoint's {len(wanted)} {split!r} images is in {data}: is it "
+                f"the dataset the model was trained on? (--split all scores every image)"
+            )
+    for ref in refs:
         image, labels = io.read_dsb_sample(ref)
         yield ref.sample_id, image, labels
 
 
-def _iterate_prepared_tiles(data: str, split: str):
-    import pyarrow.parquet as parquet
-
-    filesystem, path = io.resolve_filesystem(io.join_uri(data, split))
-    table = parquet.read_table(path, filesystem=filesystem)
-    if table.num_rows == 0:
-        raise ValueError(f"prepared dataset {data} has no '{split}' tiles")
-    for row in table.to_pylist():
-        side_h, side_w = row["height"], row["width"]
-        image = np.frombuffer(row["image"], dtype=np.uint8).reshape(side_h, side_w, 3)
-        labels = np.frombuffer(row["labels"], dtype=np.int32).reshape(side_h, side_w)
-        yield row["tile_id"], image, labels
-
-
 def evaluate_checkpoint(
     checkpoint: str, data: str, split: str = "val", device: str = "cpu"
-) -> dict:
-    """Pixel F1 / IoU (from counts summed over all images), DSB2018 score and instance F1 at IoU 0.5.
+) -> dict[str, Any]:
+    """Scores of a checkpoint on the images of ``split`` (see ``iterate_samples``), each image
+    segmented whole as `unet-ray segment` does, with the checkpoint's instance settings.
 
-    ``dsb_score`` is the mean over images of the per-image DSB2018 score (mean over IoU thresholds
-    0.50:0.05:0.95 of TP / (TP + FP + FN)); ``f1_50`` is computed from instance counts summed over
-    all images at IoU 0.5.
+    Returns ``summarise_scores`` plus ``split``, ``checkpoint``, ``data`` and ``per_image`` (one
+    row per image: its id, pixel F1, DSB2018 score, instance F1 at IoU 0.5, nuclei counts).
     """
     model, info = load_model(checkpoint, device=device)
-    instances = Config.from_dict(info.get("config", {})).instances
-    totals = np.zeros(6, dtype=np.int64)  # pixel tp, fp, fn, instance tp, fp, fn
-    scores = []
-    for _name, image, truth in iterate_samples(data, split):
-        probabilities = predict_whole_image(model, image, device)
-        predicted = labels_from_probabilities(
-            probabilities, instances.threshold, instances.min_size, instances.min_distance
-        )
-        totals[:3] += pixel_counts(probabilities > instances.threshold, truth > 0)
-        totals[3:] += instance_counts(truth, predicted, 0.5)
-        scores.append(dsb_image_score(truth, predicted))
-    if not scores:
+    config = Config.from_dict(info.get("config", {}))
+    rows = []
+    for name, image, truth in iterate_samples(data, split, info.get("samples")):
+        probabilities = sigmoid_in_place(predict_logits(model, image, config.segment, device))
+        rows.append(score_image(name, probabilities, truth, config.instances))
+    if not rows:
         raise ValueError(f"no images to evaluate in {data}")
     return {
-        "pixel_f1": f1_from_counts(*totals[:3]),
-        "pixel_iou": iou_from_counts(*totals[:3]),
-        "dsb_score": float(np.mean(scores)),
-        "f1_50": f1_from_counts(*totals[3:]),
-        "n_images": len(scores),
+        **summarise_scores(rows),
+        "split": split,
         "checkpoint": checkpoint,
         "data": data,
+        "per_image": [
+            {key: value for key, value in row.items() if key not in COUNT_KEYS} for row in rows
+        ],
     }
+
+
+def validation_loss(loss_function, logits: np.ndarray, truth: np.ndarray) -> float:
+    """The training loss of one whole image's logits against its mask."""
+    with torch.inference_mode():
+        return float(
+            loss_function(
+                torch.from_numpy(logits)[None, None],
+                torch.from_numpy(truth > 0).float()[None, None],
+            )
+        )

@@ -8,10 +8,24 @@ Image decoding (``decode_image``) always returns RGB uint8 (H, W, 3):
 
 - grayscale is repeated into three channels; an alpha channel is dropped; palette images are
   expanded to their colours;
-- 16-bit, 32-bit and floating-point images are rescaled to 0..255 by **min-max over the whole
-  image** (all channels together, so colour balance is kept): ``(x - min) / (max - min) * 255``,
-  rounded. A constant image becomes all zeros. 8-bit images are never rescaled;
+- 16-bit, 32-bit and floating-point images are **percentile-normalised** per image: the
+  ``NORMALISE_LOW_PERCENTILE`` (1st) to ``NORMALISE_HIGH_PERCENTILE`` (99.8th) percentile of all
+  pixel values map to 0..255, rounded, and values beyond are clipped, so a few hot pixels do not
+  darken the whole image as min-max scaling would. The percentiles are taken jointly over the
+  colour channels, so one transform serves all three and colour balance is kept (a stretch per
+  channel would tint an H&E scan). On big images they are estimated from a regular grid of about
+  ``PERCENTILE_SAMPLE_PIXELS`` pixels. Should the two percentiles coincide (more than 98.8 % of
+  the pixels alike, e.g. a few bright nuclei on a zero background), min-max is used instead; a
+  constant image becomes all zeros. NaN becomes 0 and +inf 255. 8-bit images are never
+  rescaled. Training (``prepare``), ``evaluate`` and ``segment`` all decode through here, so they
+  see the same normalisation;
 - multi-page TIFF: the first page only (for a pyramid, the full-resolution level).
+
+``decode_image_with_original`` also returns the image in its own units (alpha dropped, not
+rescaled), for measurements such as the per-nucleus mean intensities of ``unet-ray segment``.
+
+Local files are written whole (``write_bytes_atomic``: temp file + rename) with the permissions the
+process's umask gives (0644 under umask 022), like any file the user's tools create.
 
 DSB2018 layout (``list_dsb_samples`` / ``read_dsb_sample``): ``<id>/images/<id>.png`` and one
 binary PNG per nucleus in ``<id>/masks/``. Masks combine into int32 instance labels numbered
@@ -25,14 +39,14 @@ from __future__ import annotations
 import io as bytes_io
 import os
 import re
+import secrets
 import struct
-import tempfile
 import threading
 import zipfile
 import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -47,6 +61,13 @@ FILE_SCHEME = "file://"
 DEFAULT_S3_REGION = "us-east-1"
 S3_READ_THREADS = 16  # parallel GETs when one sample has many mask objects
 UINT8_MAX = 255
+NORMALISE_LOW_PERCENTILE = 1.0  # of a >8-bit image's values: becomes 0
+NORMALISE_HIGH_PERCENTILE = 99.8  # becomes 255; brighter values (hot pixels) are clipped
+PERCENTILE_SAMPLE_PIXELS = 1 << 22  # percentiles of bigger images come from a grid this size
+NORMALISE_CHUNK_VALUES = 1 << 22  # values converted at a time (bounds the float32 scratch)
+NEW_FILE_MODE = 0o666  # the kernel applies the umask: 0644 under umask 022, 0640 under 027
+TEMP_NAME_ATTEMPTS = 16  # random temp names tried before giving up
+WRITE_PROBE_NAME = ".unet_ray_write_probe"  # hidden, so never listed as an input
 RGB_CHANNELS = 3
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -175,7 +196,10 @@ def read_many_bytes(uris: list[str]) -> list[bytes]:
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write a whole file so readers never see a partial one (local: temp file + rename)."""
+    """Write a whole file so readers never see a partial one (local: temp file + rename).
+
+    A local file gets the permissions of the process's umask, as ``open(path, "w")`` would give.
+    """
     uri = str(uri)
     if is_s3(uri):
         filesystem, path = resolve_filesystem(uri)
@@ -183,11 +207,8 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             stream.write(data)
         return
     path = _local_path(uri)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(
-        dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-    )
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handle, temp_path = _create_temp_file(path)
     try:
         with os.fdopen(handle, "wb") as temp_file:
             temp_file.write(data)
@@ -196,6 +217,83 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         if os.path.exists(temp_path):
             os.remove(temp_path)
         raise
+
+
+def _create_temp_file(path: str) -> tuple[int, str]:
+    """A new hidden file beside ``path``, open for writing: (descriptor, its path).
+
+    Created with ``NEW_FILE_MODE`` so the kernel applies the umask (``tempfile.mkstemp`` would
+    make it 0600, and the rename would keep that).
+    """
+    folder, name = os.path.split(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(TEMP_NAME_ATTEMPTS):
+        temp_path = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(temp_path, flags, NEW_FILE_MODE), temp_path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: could not create a temporary file beside it")
+
+
+def check_writable(uri: str) -> None:
+    """Fail fast when an output location cannot be written: ValueError naming it and the problem.
+
+    Creates and deletes a small probe file (``WRITE_PROBE_NAME``): locally in the folder, or in
+    the nearest existing folder above it when it does not exist yet (so nothing is left behind);
+    on S3 under the prefix, written as the outputs will be (a missing bucket, bad credentials or
+    a denied PUT fail here).
+    """
+    uri = str(uri)
+    if is_s3(uri):
+        _check_s3_writable(uri)
+    else:
+        _check_local_writable(uri)
+
+
+def _probe_name() -> str:
+    return f"{WRITE_PROBE_NAME}.{secrets.token_hex(4)}"  # parallel jobs never share a probe
+
+
+def _check_local_writable(uri: str) -> None:
+    path = _local_path(uri)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{uri}: cannot write output there: it is a file, not a folder")
+    folder = path
+    while not os.path.exists(folder):  # the nearest existing folder above it
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{uri}: cannot write output there: {folder} is a file, not a folder")
+    probe = os.path.join(folder, _probe_name())
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE))
+        os.remove(probe)
+    except OSError as error:
+        where = "" if folder == path else f" (creating it needs writing in {folder})"
+        reason = error.strerror or str(error)
+        raise ValueError(f"{uri}: cannot write output there{where}: {reason}") from error
+
+
+def _check_s3_writable(uri: str) -> None:
+    filesystem, path = resolve_filesystem(uri)
+    bucket = path.split("/", 1)[0]
+    if not bucket:
+        raise ValueError(f"{uri}: no bucket name; give s3://bucket/prefix")
+    probe = f"{path}/{_probe_name()}"
+    try:
+        with filesystem.open_output_stream(probe) as stream:
+            stream.write(b"unet_ray write probe\n")
+    except OSError as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(
+            f"{uri}: cannot write output there ({reason}); check that bucket {bucket!r} exists "
+            "and that your AWS credentials (and AWS_ENDPOINT_URL, if any) allow writing to it"
+        ) from error
+    # s3fs deletes: pyarrow's delete_file would leave a "prefix/" marker object behind (it keeps
+    # the emptied "folder"); a probe that cannot be deleted stays, harmless and hidden
+    with suppress(Exception):
+        s3, _ = fsspec_filesystem(uri)
+        s3.rm_file(probe)
 
 
 def list_files(
@@ -240,12 +338,31 @@ def make_dirs(uri: str) -> None:
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decode PNG/JPEG/TIFF (incl. BigTIFF, 16-bit) bytes into RGB uint8 (H, W, 3)."""
-    array = _decode_native(data, name)
-    return _to_rgb_uint8(array, name)
+    return decode_image_with_original(data, name)[0]
+
+
+def decode_image_with_original(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """RGB uint8 (H, W, 3) as ``decode_image`` gives, and the image in its own units.
+
+    The original is (H, W) or (H, W, 3) in the file's dtype (uint16 stays uint16, float stays
+    float), alpha dropped, never rescaled. For an 8-bit (or 1-bit) file it is the RGB image
+    itself, so keeping it costs nothing; for others it is the decoded array (copied only to drop
+    an alpha channel, whose memory is then freed).
+    """
+    original = _drop_alpha(_to_channels_last(_decode_native(data, name), name))
+    rgb = _to_rgb_uint8(original, name)
+    if original.dtype in (np.uint8, bool):
+        return rgb, rgb
+    return rgb, np.ascontiguousarray(original)
 
 
 def read_image(uri: str) -> np.ndarray:
     return decode_image(read_bytes(uri), str(uri))
+
+
+def read_image_with_original(uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """``decode_image_with_original`` of one file: (RGB uint8, the image in its own units)."""
+    return decode_image_with_original(read_bytes(uri), str(uri))
 
 
 def decode_mask(data: bytes, name: str) -> np.ndarray:
@@ -417,7 +534,7 @@ def _drop_alpha(array: np.ndarray) -> np.ndarray:
 
 
 def _to_rgb_uint8(array: np.ndarray, name: str) -> np.ndarray:
-    array = _drop_alpha(_to_channels_last(array, name))
+    """(H, W) or (H, W, 3) of any supported dtype -> RGB uint8 (H, W, 3)."""
     array = _rescale_to_uint8(array, name)
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], RGB_CHANNELS, axis=2)
@@ -425,23 +542,54 @@ def _to_rgb_uint8(array: np.ndarray, name: str) -> np.ndarray:
 
 
 def _rescale_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
-    """uint8 unchanged; bool -> 0/255; other dtypes min-max over the whole image to 0..255."""
+    """uint8 unchanged; bool -> 0/255; other dtypes percentile-normalised (module docstring)."""
     if array.dtype == np.uint8:
         return array
     if array.dtype == bool:
         return array.astype(np.uint8) * UINT8_MAX
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise ImageReadError(f"{name}: unsupported pixel type {array.dtype}")
-    values = array.astype(np.float32)
-    finite = np.isfinite(values)
-    if not finite.any():
-        return np.zeros(array.shape, dtype=np.uint8)
-    low, high = float(values[finite].min()), float(values[finite].max())
-    values[~finite] = low
-    if high <= low:
-        return np.zeros(array.shape, dtype=np.uint8)
-    scaled = (values - low) * (UINT8_MAX / (high - low))
-    return np.clip(np.rint(scaled), 0, UINT8_MAX).astype(np.uint8)
+    low, high = normalisation_range(array)
+    scaled = np.zeros(array.shape, dtype=np.uint8)
+    if high <= low:  # constant (or no finite value): all zeros
+        return scaled
+    scale = UINT8_MAX / (high - low)
+    is_float = np.issubdtype(array.dtype, np.floating)
+    rows = max(1, NORMALISE_CHUNK_VALUES // max(1, array[0].size))
+    for start in range(0, array.shape[0], rows):  # a float32 scratch of one row band at a time
+        band = array[start : start + rows].astype(np.float32)
+        if is_float:
+            np.nan_to_num(band, copy=False, nan=low, posinf=high, neginf=low)
+        band -= low
+        band *= scale
+        np.clip(np.rint(band, out=band), 0, UINT8_MAX, out=band)
+        scaled[start : start + rows] = band
+    return scaled
+
+
+def normalisation_range(array: np.ndarray) -> tuple[float, float]:
+    """(low, high): the values percentile normalisation maps to 0 and 255 (module docstring).
+
+    Joint over the channels; NaN and infinities are ignored; ``high <= low`` only for a constant
+    image (or one without any finite value).
+    """
+    pixels = array.shape[0] * array.shape[1]
+    step = max(1, int(np.ceil(np.sqrt(pixels / PERCENTILE_SAMPLE_PIXELS))))
+    sample = _finite_values(array[::step, ::step])
+    if sample.size == 0:
+        return 0.0, 0.0
+    low, high = np.percentile(sample, (NORMALISE_LOW_PERCENTILE, NORMALISE_HIGH_PERCENTILE))
+    if high <= low:  # most pixels alike (a sparse image): stretch min..max of the whole image
+        values = _finite_values(array)
+        low, high = values.min(), values.max()
+    return float(low), float(high)
+
+
+def _finite_values(array: np.ndarray) -> np.ndarray:
+    """The values of an array, flattened; for floats only the finite ones."""
+    if np.issubdtype(array.dtype, np.floating):
+        return array[np.isfinite(array)]
+    return array.reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""The VGG16_bn-encoder U-Net, loading its encoder weights from a local file, and freezing it.
+"""The VGG16_bn-encoder U-Net, its ImageNet / local encoder weights, freezing, optimiser groups.
 
-Plain torch: no Ray, no I/O beyond reading one weights file. Layout (from the reference report):
+Plain torch: no Ray; the only I/O is the encoder weights file (and its one-off download). Layout (from the reference report):
 
 - encoder: torchvision ``vgg16_bn`` features, 13 conv3x3 + BN + ReLU in five stages, each stage
   followed by a 2x2 max-pool; the classifier is dropped;
@@ -16,15 +16,21 @@ Plain torch: no Ray, no I/O beyond reading one weights file. Layout (from the re
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import math
+import os
+import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torchvision
 from torch import nn
 
-from unet_ray.config import SIZE_MULTIPLE, ModelConfig
+from unet_ray.config import ENCODER_IMAGENET, ENCODER_NONE, SIZE_MULTIPLE, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +39,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_CHANNELS = 3  # RGB in [0, 1]
 CENTRE_CHANNELS = 512  # width of the four centre convolutions (= the last encoder stage)
 DECODER_CHANNELS = (512, 256, 128, 64, 32)  # output width of each up-step, coarsest first
-HUB_WEIGHTS_PATTERN = "vgg16_bn-*.pth"  # torchvision's file name in torch.hub's checkpoint cache
+HUB_HASH_PATTERN = re.compile(r"-([a-f0-9]{6,})\.")  # torch.hub: file name carries a SHA-256 prefix
+NO_DOWNLOAD_ENV = "UNET_RAY_NO_DOWNLOAD"  # "1": never download encoder weights (tests)
+DOWNLOAD_TIMEOUT_S = 60  # per network operation of the weights download
+SHA256_PREFIX = 12  # hex digits of a weights file's SHA-256 recorded in checkpoints
 FEATURES_PREFIX = "features."  # key prefix of the encoder in a torchvision vgg16_bn state dict
 VGG16_LAYERS = torchvision.models.vgg.cfgs["D"]  # 13 conv widths with "M" for each max-pool
 OPTIONAL_BN_SUFFIX = "num_batches_tracked"  # absent from torchvision's (2017) vgg16_bn file
@@ -278,32 +287,162 @@ def load_encoder_weights(model: UNetVGG16BN, path: str | Path) -> None:
     model.encoder.load_state_dict(features, strict=False)
 
 
+class EncoderWeightsUnavailableError(ValueError):
+    """ImageNet encoder weights are neither in torch's hub cache nor downloadable."""
+
+
+def imagenet_weights_url() -> str:
+    """torchvision's download address of ``VGG16_BN_Weights.IMAGENET1K_V1``."""
+    return torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1.url
+
+
+def hub_weights_path() -> Path:
+    """Where torch's hub cache keeps the ImageNet weights (``$TORCH_HOME/hub/checkpoints/...``):
+    torchvision's own file name, so a file placed there by hand or by torchvision is found."""
+    name = Path(urlparse(imagenet_weights_url()).path).name
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
 def find_hub_encoder_weights() -> str | None:
-    """Path of a vgg16_bn file in torch's hub cache (``$TORCH_HOME/hub/checkpoints``), or None."""
-    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-    matches = sorted(checkpoints.glob(HUB_WEIGHTS_PATTERN)) if checkpoints.is_dir() else []
-    return str(matches[0]) if matches else None
+    """Path of the ImageNet vgg16_bn file in torch's hub cache, or None."""
+    path = hub_weights_path()
+    return str(path) if path.is_file() else None
+
+
+def resolve_imagenet_weights() -> str:
+    """The cached ImageNet weights file, downloaded into the hub cache when missing.
+
+    ``UNET_RAY_NO_DOWNLOAD=1`` (set by the test suite) forbids the download. When the file is not
+    there and cannot be fetched, ``EncoderWeightsUnavailableError`` names the file to place and the
+    way to train without it.
+    """
+    cached = find_hub_encoder_weights()
+    if cached:
+        return cached
+    path, url = hub_weights_path(), imagenet_weights_url()
+    problem = "downloads are disabled (UNET_RAY_NO_DOWNLOAD=1)"
+    if os.environ.get(NO_DOWNLOAD_ENV) != "1":
+        logger.info("downloading the ImageNet VGG16_bn encoder weights from %s to %s", url, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            hash_prefix = HUB_HASH_PATTERN.search(path.name)
+            saved_timeout = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # offline: fail, never hang
+            try:
+                torch.hub.download_url_to_file(
+                    url,
+                    str(path),
+                    hash_prefix=hash_prefix.group(1) if hash_prefix else None,
+                    progress=False,
+                )
+            finally:
+                socket.setdefaulttimeout(saved_timeout)
+            return str(path)
+        except Exception as error:  # URLError, timeouts, hash mismatch, read-only cache
+            problem = f"the download failed ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    raise EncoderWeightsUnavailableError(
+        f"ImageNet encoder weights are not in torch's hub cache and {problem}: place "
+        f"torchvision's file {path.name} (from {url}) at {path} (the cache follows $TORCH_HOME), "
+        f"pass --encoder-weights PATH to a copy of it, or train from a random encoder with "
+        f"--encoder-weights none"
+    )
+
+
+def resolve_encoder_weights(setting: str | None) -> str | None:
+    """The weights file a model setting means: ``imagenet`` -> the hub cache file (downloaded if
+    needed), ``none`` -> None, anything else -> that local file (which must exist)."""
+    if setting in (None, "", ENCODER_NONE):
+        return None
+    if setting == ENCODER_IMAGENET:
+        return resolve_imagenet_weights()
+    path = Path(setting).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"encoder weights file {setting} does not exist (use --encoder-weights imagenet, "
+            f"none or the path of a torchvision vgg16_bn state-dict file)"
+        )
+    return str(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def record_encoder_weights(config: ModelConfig) -> ModelConfig:
+    """A copy of ``config`` with the weights file that ``encoder_weights`` resolves to and its
+    SHA-256 prefix filled in (what a checkpoint records); resolving may download (see above)."""
+    path = resolve_encoder_weights(config.encoder_weights)
+    return dataclasses.replace(
+        config,
+        encoder_weights_file=Path(path).name if path else "",
+        encoder_weights_sha256=file_sha256(path)[:SHA256_PREFIX] if path else "",
+    )
+
+
+def is_pretrained(config: ModelConfig) -> bool:
+    return config.encoder_weights not in (None, "", ENCODER_NONE)
 
 
 def build_model(config: ModelConfig) -> UNetVGG16BN:
-    """Build the U-Net; encoder weights from ``config.encoder_weights``, else the hub cache.
+    """Build the U-Net with the encoder weights ``config.encoder_weights`` names.
 
-    Never downloads: with neither file the encoder stays randomly initialised and a warning says
-    so. ``config.freeze_encoder`` freezes the encoder after loading.
+    ``imagenet`` (the default) loads torchvision's ImageNet weights from torch's hub cache and
+    downloads them there when missing; ``none`` keeps the encoder randomly initialised; a path
+    loads that file. When the config records a SHA-256 prefix (written when training started),
+    the file must match it, so every worker of a run starts from the same encoder.
+    ``config.freeze_encoder`` freezes the encoder after loading.
     """
     model = UNetVGG16BN(decoder_batchnorm=config.decoder_batchnorm)
-    weights_path = config.encoder_weights or find_hub_encoder_weights()
+    weights_path = resolve_encoder_weights(config.encoder_weights)
     if weights_path:
+        if config.encoder_weights_sha256:
+            found = file_sha256(weights_path)[:SHA256_PREFIX]
+            if found != config.encoder_weights_sha256:
+                raise ValueError(
+                    f"encoder weights file {weights_path} has SHA-256 prefix {found}, but the run "
+                    f"was started with {config.encoder_weights_sha256}: the file differs on this node"
+                )
         load_encoder_weights(model, weights_path)
         logger.info("loaded VGG16_bn encoder weights from %s", weights_path)
-    else:
-        logger.warning(
-            "no encoder weights file given and none in torch's hub cache (%s): the VGG16_bn "
-            "encoder is randomly initialised; pass --encoder-weights PATH for ImageNet weights",
-            Path(torch.hub.get_dir()) / "checkpoints",
-        )
     if config.freeze_encoder:
         if not weights_path:
             logger.warning("freezing a randomly initialised encoder: only the decoder will learn")
         freeze_encoder(model)
     return model
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, encoder_lr_scale: float) -> list[dict]:
+    """SGD parameter groups: encoder and decoder (centre, up-steps, head), each split into
+    weights with weight decay and batch-norm weights and biases without it. Every group carries
+    ``lr_scale``: ``encoder_lr_scale`` for the encoder, 1.0 elsewhere. Frozen parameters and empty
+    groups are left out."""
+    model = getattr(model, "module", model)
+    encoder_ids = {id(parameter) for parameter in model.encoder.parameters()}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for module in model.modules():
+        no_decay_module = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for name, parameter in module.named_parameters(recurse=False):
+            if not parameter.requires_grad:
+                continue
+            decay = not (no_decay_module or name == "bias")
+            groups.setdefault((id(parameter) in encoder_ids, decay), []).append(parameter)
+    return [
+        {
+            "params": parameters,
+            "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": encoder_lr_scale if in_encoder else 1.0,
+            "name": ("encoder" if in_encoder else "decoder") + ("" if decay else "_no_decay"),
+        }
+        for (in_encoder, decay), parameters in sorted(groups.items(), reverse=True)
+    ]
+
+
+def use_sync_batchnorm(enabled: bool, use_gpu: bool, world_size: int) -> bool:
+    """SyncBatchNorm pays off (and works) only with several GPU workers: batch statistics over
+    the global batch instead of each GPU's share of it."""
+    return enabled and use_gpu and world_size > 1

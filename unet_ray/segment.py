@@ -213,10 +213,14 @@ def segment_image_file(
     segment: SegmentConfig,
     instances: InstanceConfig,
 ) -> int:
-    """Read, tile, infer, stitch, label and write the five outputs of one image; nuclei count."""
+    """Read, tile, infer, stitch, label and write the five outputs of one image; nuclei count.
+
+    The network sees the 8-bit rendering (``io`` normalises >8-bit images); the nuclei table's
+    intensities come from the original, in the input's own units (no copy for an 8-bit image).
+    """
     from unet_ray.instances import labels_from_probabilities
 
-    image = io.read_image(uri)
+    image, original = io.read_image_with_original(uri)
     plan = plan_image(image.shape[0], image.shape[1], segment)
     probabilities = predict_probabilities(image, plan, predict_batch, segment.batch_size)
     mask = probabilities > instances.threshold
@@ -224,7 +228,7 @@ def segment_image_file(
         probabilities, instances.threshold, instances.min_size, instances.min_distance
     )
     del probabilities
-    for name, data in encode_outputs(image, mask, labels, image_stem(uri)).items():
+    for name, data in encode_outputs(image, mask, labels, image_stem(uri), original).items():
         io.write_bytes_atomic(io.join_uri(output_uri, name), data)
     return int(labels.max())
 
@@ -469,12 +473,14 @@ def run_segmentation(
 
     Needs a running Ray (``ray.init()``). Images whose five outputs exist are skipped unless
     ``segment.overwrite``. Bad inputs become error rows; the summary's ``exit_code`` is 1 then.
+    Bad usage (geometry, an unwritable ``output_uri``, a bad checkpoint) raises before any work.
     """
     from unet_ray.checkpoint import load_model
 
     check_tile_geometry(segment.tile, segment.overlap)
     if segment.workers < 1 or segment.batch_size < 1:
         raise ValueError("--workers and --batch-size must be at least 1")
+    io.check_writable(output_uri)
     load_model(checkpoint)  # fail fast on a missing or corrupt checkpoint, before any actor
     inputs = drop_own_outputs(list_inputs(input_uri), input_uri, output_uri)
     io.make_dirs(output_uri)
@@ -571,12 +577,15 @@ def configs_from_args(args: argparse.Namespace) -> tuple[SegmentConfig, Instance
 
 
 def segment_main(args: argparse.Namespace) -> int:
-    """Run ``unet-ray segment`` from parsed flags (starting local Ray if none); exit code."""
-    import ray
+    """Run ``unet-ray segment`` from parsed flags (starting local Ray if none); exit code.
+
+    Bad flags and an OUTPUT that cannot be written raise ValueError before Ray starts.
+    """
+    from unet_ray.train import init_ray
 
     segment, instances = configs_from_args(args)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    io.check_writable(args.output)
+    init_ray()
     summary = run_segmentation(
         args.checkpoint,
         args.input,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
+import hashlib
 import io as _bytes_io
 import json
 import logging
@@ -19,9 +22,10 @@ import torch
 from unet_ray import io
 from unet_ray.checkpoint import CONFIG_FILE, MODEL_FILE, save_checkpoint
 from unet_ray.config import Config
+from unet_ray.data import VAL_SPLIT
 from unet_ray.losses import build_loss
-from unet_ray.metrics import dsb_image_score, f1_from_counts, instance_counts, iou_from_counts
-from unet_ray.schedules import learning_rate
+from unet_ray.model import use_sync_batchnorm
+from unet_ray.schedules import config_learning_rate
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +36,18 @@ METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
 TENSORBOARD_DIR = "tensorboard"
 SCORE_METRIC = "val_pixel_f1"
+BEST_SCORE_METRIC = "best_val_pixel_f1"  # running maximum: what Tune's ASHA compares trials on
+VAL_IMAGES_CSV = "val_images.csv"  # per-image validation scores of the latest epoch
+VERBOSE_ENV = "UNET_RAY_VERBOSE"  # "1": Ray's progress bars and INFO lines on the console
 DATA_CPUS = 1  # a training run's Ray Data pipeline (read + augment) needs one CPU of its own
-SHUFFLE_BATCHES = 4  # training tiles are shuffled within a buffer of this many batches
 # Fault injection for tests and drills: the last rank dies (os._exit) early in this epoch
 # (1-based), once: the marker file records that it already happened.
 FAIL_AT_EPOCH_ENV = "UNET_RAY_FAIL_AT_EPOCH"
 FAIL_MARKER_ENV = "UNET_RAY_FAIL_MARKER"
-# The injected crash comes this long into the epoch, like a real one: a worker that dies within
-# Ray Train's health-check interval (2 s) of its last report can take that report with it.
-FAULT_DELAY_S = 6.0
+# The injected crash waits until Ray Train has registered the previous epoch's checkpoint.
+FAULT_REGISTER_TIMEOUT_S = 300.0
+FAULT_POLL_S = 0.2
+CHECKPOINT_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2, in the run folder
 EPOCH_COLUMNS = (
     "epoch",
     "lr",
@@ -53,6 +60,7 @@ EPOCH_COLUMNS = (
     "val_images",
     "seconds",
 )
+IMAGE_COLUMNS = ("epoch", "image", "pixel_f1", "dsb_score", "f1_50", "nuclei_true", "nuclei_pred")
 
 
 @dataclass
@@ -62,6 +70,9 @@ class TrainResult:
     metrics: dict[str, Any]  # the best epoch's metrics
     history: list[dict[str, Any]]  # one row per epoch, as in metrics.csv
     run_starts: list[int]  # epoch each (re)start of the workers began at: [0] for one clean run
+    # the latest checkpoint's training state: "digests" (epoch -> weights digest saved) and
+    # "resumes" (epoch and digest of the weights each restart restored)
+    state: dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -80,17 +91,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model, optimizer, state = _build_or_resume(config, device)
     state["run_starts"].append(state["epoch"])
+    if use_sync_batchnorm(config.train.sync_batchnorm, config.train.use_gpu, world_size):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model)
     loss_function = build_loss(config.train.loss)
     per_worker_batch = per_worker_batch_size(config.train.batch_size, world_size)
     steps_per_epoch = steps_per_worker_epoch(
-        loop_config["train_tiles"], world_size, per_worker_batch
+        loop_config["train_tiles"] * loop_config["copies"], world_size, per_worker_batch
     )
-    train_batches = stream_batches(ray.train.get_dataset_shard("train"), per_worker_batch, device)
+    train_batches = stream_batches(
+        ray.train.get_dataset_shard("train"),
+        per_worker_batch,
+        device,
+        config.train.shuffle_buffer_tiles,
+    )
+    val_samples = loop_config["samples"][VAL_SPLIT]
     writer = _open_tensorboard(config.train.output, state["epoch"]) if is_rank_zero else None
 
     for epoch in range(state["epoch"], config.train.epochs):
-        _maybe_inject_failure(loop_config.get("fault_injection", {}), epoch, rank, world_size)
+        _maybe_inject_failure(
+            loop_config.get("fault_injection", {}), epoch, rank, world_size, config.train.output
+        )
         started = time.perf_counter()
         train_loss, last_lr = train_one_epoch(
             model,
@@ -102,47 +123,74 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             steps_per_epoch,
             device,
         )
-        val = evaluate_shard(
-            model,
+        average_buffers(model, world_size)  # one model on every rank for validation and saving
+        summary, image_rows = validate_images(
+            getattr(model, "module", model),
             loss_function,
-            ray.train.get_dataset_shard("val"),
+            loop_config["prepared"],
+            val_samples,
             config,
-            per_worker_batch,
             device,
             rank,
             world_size,
         )
+        is_best = summary["pixel_f1"] > state["best_f1"]
+        state["best_f1"] = max(state["best_f1"], summary["pixel_f1"])
         metrics = {
             "epoch": epoch + 1,
             "lr": last_lr,
             "train_loss": _all_reduce_mean(train_loss, world_size, device),
-            **{f"val_{name}": value for name, value in val.items()},
+            **{f"val_{name}": value for name, value in summary.items() if name != "n_images"},
+            "val_images": summary["n_images"],
+            BEST_SCORE_METRIC: state["best_f1"],
             "seconds": round(time.perf_counter() - started, 2),
         }
         state["epoch"] = epoch + 1
         state["history"].append(metrics)
-        is_best = metrics[SCORE_METRIC] > state["best_f1"]
-        state["best_f1"] = max(state["best_f1"], metrics[SCORE_METRIC])
-        _report_epoch(model, optimizer, state, config, metrics, is_rank_zero, writer, is_best)
+        _report_epoch(
+            model,
+            optimizer,
+            state,
+            config,
+            metrics,
+            is_rank_zero,
+            writer,
+            is_best,
+            loop_config["samples"],
+            image_rows,
+        )
     train_batches.close()  # ends the Ray Data execution still streaming unused passes
     if writer is not None:
         writer.close()
 
 
 def _build_or_resume(config: Config, device: torch.device):
-    """Model and optimiser, restored from Ray Train's latest checkpoint when there is one."""
+    """Model and optimiser, restored from Ray Train's latest checkpoint when there is one.
+
+    SGD with momentum over ``parameter_groups``: a pretrained encoder learns at
+    ``encoder_lr_scale`` times the decoder's rate; batch-norm weights and biases get no weight
+    decay. On resume, the digest of the restored weights is recorded (``state["resumes"]``), so a
+    drill can check that they are exactly the checkpoint's.
+    """
     import ray.train
 
-    from unet_ray.model import build_model
+    from unet_ray.model import build_model, is_pretrained, parameter_groups
 
     model = build_model(config.model).to(device)
+    encoder_scale = config.train.encoder_lr_scale if is_pretrained(config.model) else 1.0
     optimizer = torch.optim.SGD(
-        [parameter for parameter in model.parameters() if parameter.requires_grad],
+        parameter_groups(model, config.train.weight_decay, encoder_scale),
         lr=config.train.max_lr,
         momentum=config.train.momentum,
-        weight_decay=config.train.weight_decay,
     )
-    state = {"epoch": 0, "history": [], "best_f1": -1.0, "run_starts": []}
+    state = {
+        "epoch": 0,
+        "history": [],
+        "best_f1": -1.0,
+        "run_starts": [],
+        "digests": {},
+        "resumes": [],
+    }
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -151,9 +199,20 @@ def _build_or_resume(config: Config, device: torch.device):
             )
             saved = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
         optimizer.load_state_dict(saved.pop("optimizer"))
-        state = saved
+        state = {**state, **saved}
+        state["resumes"].append({"epoch": state["epoch"], "digest": weights_digest(model)})
         print(f"[unet_ray] resuming from the checkpoint of epoch {state['epoch']}", flush=True)
     return model, optimizer, state
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 (hex, 16 digits) over a model's state-dict tensors in key order."""
+    model = getattr(model, "module", model)
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def steps_per_worker_epoch(train_tiles: int, world_size: int, batch_size: int) -> int:
@@ -172,12 +231,13 @@ def training_passes(epochs: int, train_tiles: int, world_size: int, batch_size: 
 
 
 def per_worker_batch_size(batch_size: int, world_size: int) -> int:
-    """Each worker's share of the global batch (at least one)."""
+    """Each worker's share of the global batch (``config.check_batch_divides`` made it exact)."""
     return max(1, batch_size // world_size)
 
 
-def stream_batches(shard, batch_size: int, device: torch.device):
-    """This worker's augmented training batches, without end.
+def stream_batches(shard, batch_size: int, device: torch.device, shuffle_tiles: int = 1):
+    """This worker's augmented training batches, without end, mixed in a shuffle buffer of
+    ``shuffle_tiles`` tiles.
 
     The training dataset holds one pass over the tiles per epoch
     (``build_training_datasets(passes=...)``), so one Ray Data execution feeds the epochs one
@@ -192,7 +252,7 @@ def stream_batches(shard, batch_size: int, device: torch.device):
             batch_size=batch_size,
             device=device,
             drop_last=False,
-            local_shuffle_buffer_size=SHUFFLE_BATCHES * batch_size,
+            local_shuffle_buffer_size=max(shuffle_tiles, batch_size),
         ):
             batches += 1
             yield batch
@@ -211,21 +271,15 @@ def train_one_epoch(
     device: torch.device,
 ) -> tuple[float, float]:
     """``steps_per_epoch`` steps on batches from ``stream_batches`` (augmented anew by Ray Data);
-    returns the mean loss and the last learning rate."""
+    returns the mean loss and the last (decoder) learning rate. Each parameter group learns at
+    the schedule's rate times its ``lr_scale``."""
     model.train()
     total_loss, lr = 0.0, config.train.max_lr
     for step in range(steps_per_epoch):
         batch = next(batches)
-        lr = learning_rate(
-            config.train.scheduler,
-            epoch + step / steps_per_epoch,
-            config.train.max_lr,
-            config.train.min_lr,
-            config.train.restart_epochs,
-            config.train.cycle_epochs,
-        )
+        lr = config_learning_rate(config.train, epoch + step / steps_per_epoch)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         with _autocast(device):
             logits = model(batch["image"])
             loss = loss_function(logits.float(), batch["mask"])
@@ -238,93 +292,93 @@ def train_one_epoch(
     return total_loss / steps_per_epoch, lr
 
 
-def evaluate_shard(
+def rank_share(sample_ids: list[str], rank: int, world_size: int) -> list[str]:
+    """The validation images one rank scores: every ``world_size``-th of the sorted ids from
+    ``rank`` on, so each image is scored by exactly one rank (a rank may get none)."""
+    return sorted(sample_ids)[rank::world_size]
+
+
+def validate_images(
     model,
     loss_function,
-    shard,
+    prepared: str,
+    val_samples: list[str],
     config: Config,
-    batch_size: int,
     device: torch.device,
     rank: int,
     world_size: int,
-) -> dict[str, float]:
-    """Validation metrics over the whole validation split, summed exactly across workers.
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Validation on whole images at native size, each scored by exactly one rank.
 
-    The validation dataset is not split by Ray; every worker reads it all and evaluates the
-    batches whose index modulo the world size is its rank, so each tile counts exactly once.
+    Each rank reads only its share of the validation images (``rank_share``), segments them as
+    `unet-ray segment` does and scores them (``evaluate.score_image``); one all-gather brings every
+    rank all rows, so every rank makes the same number of collective calls whatever its share
+    (also none). ``model`` is the unwrapped module: evaluation runs no DDP collectives. Returns
+    ``(summary, rows)``: ``summarise_scores`` plus ``loss`` (pixel-weighted), and one row per
+    image sorted by image id.
     """
+    from unet_ray.data import read_split_images
+    from unet_ray.evaluate import (
+        predict_logits,
+        score_image,
+        summarise_scores,
+        validation_loss,
+    )
+    from unet_ray.segment import sigmoid_in_place
+
     model.eval()
-    sums = {
-        "loss": 0.0,
-        "images": 0.0,
-        "tp": 0.0,
-        "fp": 0.0,
-        "fn": 0.0,
-        "dsb": 0.0,
-        "inst_tp": 0.0,
-        "inst_fp": 0.0,
-        "inst_fn": 0.0,
-    }
-    with torch.inference_mode():
-        for index, batch in enumerate(
-            shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=False)
-        ):
-            if index % world_size != rank:
-                continue
-            with _autocast(device):
-                logits = model(batch["image"]).float()
-            count = logits.shape[0]
-            sums["loss"] += float(loss_function(logits, batch["mask"])) * count
-            sums["images"] += count
-            _accumulate_image_metrics(
-                sums,
-                torch.sigmoid(logits)[:, 0].cpu().numpy(),
-                batch["labels"].cpu().numpy(),
-                config,
-            )
-    totals = _all_reduce_sums(sums, world_size, device)
-    images = max(totals["images"], 1.0)
-    return {
-        "loss": totals["loss"] / images,
-        "pixel_f1": f1_from_counts(totals["tp"], totals["fp"], totals["fn"]),
-        "pixel_iou": iou_from_counts(totals["tp"], totals["fp"], totals["fn"]),
-        "dsb_score": totals["dsb"] / images,
-        "f1_50": f1_from_counts(totals["inst_tp"], totals["inst_fp"], totals["inst_fn"]),
-        "images": int(totals["images"]),
-    }
+    rows = []
+    for name, image, truth in read_split_images(
+        prepared, rank_share(val_samples, rank, world_size)
+    ):
+        logits = predict_logits(model, image, config.segment, str(device))
+        loss = validation_loss(loss_function, logits, truth)
+        row = score_image(name, sigmoid_in_place(logits), truth, config.instances)
+        rows.append({**row, "loss": loss, "pixels": truth.size, "rank": rank})
+    rows = _all_gather_rows(rows, world_size)
+    rows.sort(key=lambda row: row["image"])
+    summary = summarise_scores(rows)
+    pixels = sum(row["pixels"] for row in rows)
+    summary["loss"] = sum(row["loss"] * row["pixels"] for row in rows) / pixels
+    return summary, rows
 
 
-def _accumulate_image_metrics(sums, probabilities, true_labels, config: Config) -> None:
-    from unet_ray.instances import labels_from_probabilities
-    from unet_ray.metrics import pixel_counts
+def average_buffers(model: torch.nn.Module, world_size: int) -> None:
+    """Average the batch-norm running statistics over the ranks (one all-reduce).
 
-    instances = config.instances
-    for probability, truth in zip(probabilities, true_labels, strict=True):
-        tp, fp, fn = pixel_counts(probability > instances.threshold, truth > 0)
-        predicted = labels_from_probabilities(
-            probability, instances.threshold, instances.min_size, instances.min_distance
-        )
-        inst_tp, inst_fp, inst_fn = instance_counts(truth, predicted, 0.5)
-        sums["tp"] += tp
-        sums["fp"] += fp
-        sums["fn"] += fn
-        sums["dsb"] += dsb_image_score(truth, predicted)
-        sums["inst_tp"] += inst_tp
-        sums["inst_fp"] += inst_fp
-        sums["inst_fn"] += inst_fn
-
-
-def _all_reduce_sums(sums: dict[str, float], world_size: int, device) -> dict[str, float]:
+    DDP broadcasts rank 0's buffers before each training forward, but the last step then updates
+    every rank's statistics with its own batch: without this, the ranks would validate slightly
+    different models and the checkpoint would hold only rank 0's statistics.
+    """
     if world_size == 1:
-        return dict(sums)
-    keys = sorted(sums)
-    tensor = torch.tensor([sums[key] for key in keys], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor)
-    return dict(zip(keys, tensor.tolist(), strict=True))
+        return
+    buffers = [buffer for buffer in model.buffers() if buffer.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([buffer.detach().reshape(-1) for buffer in buffers])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    with torch.no_grad():
+        for buffer in buffers:
+            buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
+            offset += buffer.numel()
+
+
+def _all_gather_rows(rows: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    if world_size == 1:
+        return rows
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, rows)
+    return [row for rank_rows in gathered for row in rank_rows]
 
 
 def _all_reduce_mean(value: float, world_size: int, device) -> float:
-    return _all_reduce_sums({"value": value}, world_size, device)["value"] / world_size
+    if world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor.item()) / world_size
 
 
 def _autocast(device: torch.device):
@@ -334,38 +388,99 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def _maybe_inject_failure(fault: dict[str, Any], epoch: int, rank: int, world_size: int) -> None:
+def registered_epochs(output: str) -> set[int]:
+    """Epochs whose checkpoints Ray Train has registered for the run in OUTPUT (from its
+    checkpoint-manager snapshot); empty before the first."""
+    uri = io.join_uri(output, RUN_NAME, CHECKPOINT_SNAPSHOT_FILE)
+    try:
+        snapshot = json.loads(io.read_bytes(uri))
+    except (FileNotFoundError, OSError, ValueError):
+        return set()
+    epochs: set[int] = set()
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            metrics = value.get("metrics")
+            if isinstance(metrics, dict) and isinstance(metrics.get("epoch"), int):
+                epochs.add(metrics["epoch"])
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and value.startswith(("{", "[")):
+            with contextlib.suppress(ValueError):
+                walk(json.loads(value))
+
+    walk(snapshot)
+    return epochs
+
+
+def _maybe_inject_failure(
+    fault: dict[str, Any], epoch: int, rank: int, world_size: int, output: str
+) -> None:
+    """Fault drill: the last rank dies at the start of epoch ``fault["epoch"]`` (1-based), once,
+    as soon as Ray Train has registered the previous epoch's checkpoint (a crash before that may
+    take the last report with it, and the drill would test nothing)."""
     if not fault.get("epoch") or epoch + 1 != int(fault["epoch"]) or rank != world_size - 1:
         return
     marker = Path(fault["marker"])
     if marker.exists():
         return
+    deadline = time.monotonic() + FAULT_REGISTER_TIMEOUT_S
+    while epoch > 0 and epoch not in registered_epochs(output):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fault drill: epoch {epoch}'s checkpoint was never registered")
+        time.sleep(FAULT_POLL_S)
     marker.write_text(f"rank {rank} killed early in epoch {epoch + 1}\n")
     print(f"[unet_ray] fault injection: rank {rank} exits in epoch {epoch + 1}", flush=True)
-    time.sleep(FAULT_DELAY_S)
     os._exit(1)
 
 
 def _report_epoch(
-    model, optimizer, state, config: Config, metrics, is_rank_zero, writer, is_best: bool
+    model,
+    optimizer,
+    state,
+    config: Config,
+    metrics,
+    is_rank_zero,
+    writer,
+    is_best: bool,
+    samples: dict[str, list[str]],
+    image_rows: list[dict[str, Any]],
 ) -> None:
-    """Log the epoch, write the run outputs and OUTPUT/best (rank 0), report a checkpoint to Ray."""
+    """Log the epoch, write the run outputs and OUTPUT/best (rank 0), report a checkpoint to Ray.
+
+    The digest of the weights saved for each epoch goes into the training state
+    (``state["digests"]``), so that a resumed run can be checked against it."""
     import ray.train
 
     if not is_rank_zero:
         ray.train.report(metrics)  # every rank must report: it is a barrier
         return
     print(format_progress(metrics, config.train.epochs), flush=True)
+    state["digests"][str(metrics["epoch"])] = weights_digest(model)
     write_run_outputs(config.train.output, state["history"])
+    image_csv = per_image_csv(metrics["epoch"], image_rows)
+    io.write_bytes_atomic(io.join_uri(config.train.output, VAL_IMAGES_CSV), image_csv)
     _log_tensorboard(writer, config.train.output, metrics)
     if is_best:  # a plain folder that loads without Ray, kept current while training runs
-        save_checkpoint(
-            io.join_uri(config.train.output, BEST_DIR), model, config.to_dict(), metrics
-        )
+        best = io.join_uri(config.train.output, BEST_DIR)
+        save_checkpoint(best, model, config.to_dict(), metrics, samples)
+        io.write_bytes_atomic(io.join_uri(best, VAL_IMAGES_CSV), image_csv)
     with tempfile.TemporaryDirectory(prefix="unet_ray_ckpt_") as directory:
-        save_checkpoint(directory, model, config.to_dict(), metrics)
+        save_checkpoint(directory, model, config.to_dict(), metrics, samples)
         torch.save({**state, "optimizer": optimizer.state_dict()}, Path(directory) / STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def per_image_csv(epoch: int, rows: list[dict[str, Any]]) -> bytes:
+    """One epoch's per-image validation scores as CSV (``IMAGE_COLUMNS``)."""
+    text = _bytes_io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=IMAGE_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({**row, "epoch": epoch} for row in rows)
+    return text.getvalue().encode()
 
 
 def format_progress(metrics: dict[str, Any], epochs: int) -> str:
@@ -484,31 +599,41 @@ def _has_samples(source: str) -> bool:
 
 
 def build_trainer(config: Config, prepared: str, callbacks=None, fault_injection=None):
-    """A TorchTrainer for this config; Ray Train's run lives in OUTPUT/ray_train."""
+    """A TorchTrainer for this config; Ray Train's run lives in OUTPUT/ray_train.
+
+    An epoch is at least ``train.min_steps_per_epoch`` steps: a small set is drawn ``copies``
+    times per epoch (``data.tile_copies``), each draw a new random crop and augmentation.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from unet_ray.data import build_training_datasets, read_dataset_info
+    from unet_ray.data import (
+        TRAIN_SPLIT,
+        build_training_datasets,
+        read_dataset_info,
+        tile_copies,
+    )
 
     info = read_dataset_info(prepared)
-    if not info["val"]["tiles"]:
+    if not info[VAL_SPLIT]["samples"]:
         raise ValueError(
-            f"prepared dataset {prepared} has no validation tiles; raise --val-fraction"
+            f"prepared dataset {prepared} has no validation images; raise --val-fraction"
         )
     workers = config.train.workers
-    passes = training_passes(
-        config.train.epochs,
-        info["train"]["tiles"],
-        workers,
-        per_worker_batch_size(config.train.batch_size, workers),
-    )
-    datasets = build_training_datasets(prepared, config.data, passes=passes)
+    train_tiles = info[TRAIN_SPLIT]["tiles"]
+    per_worker_batch = per_worker_batch_size(config.train.batch_size, workers)
+    copies = tile_copies(train_tiles, workers, per_worker_batch, config.train.min_steps_per_epoch)
+    passes = training_passes(config.train.epochs, train_tiles * copies, workers, per_worker_batch)
+    datasets = build_training_datasets(prepared, config.data, passes=passes, copies=copies)
     filesystem, storage_path = io.resolve_filesystem(config.train.output)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": config.to_dict(),
-            "train_tiles": info["train"]["tiles"],
+            "prepared": prepared,
+            "train_tiles": train_tiles,
+            "copies": copies,
+            "samples": {split: list(info[split]["samples"]) for split in (TRAIN_SPLIT, VAL_SPLIT)},
             "fault_injection": fault_injection or _fault_injection_from_env(),
         },
         scaling_config=ScalingConfig(
@@ -536,9 +661,30 @@ def build_trainer(config: Config, prepared: str, callbacks=None, fault_injection
     )
 
 
+def prepare_run_config(config: Config) -> Config:
+    """The run's config with the encoder weights resolved and recorded (file name and SHA-256
+    prefix; ``imagenet`` may download them into the hub cache once), before any worker starts:
+    unavailable weights are a usage error now, not a crash in every worker. Warns when the run
+    ends in the middle of a learning-rate cycle."""
+    from unet_ray.model import record_encoder_weights
+    from unet_ray.schedules import mid_cycle_warning
+
+    train = config.train
+    warning = mid_cycle_warning(
+        train.scheduler,
+        train.epochs,
+        train.restart_epochs,
+        train.restart_cycles,
+        train.cycle_epochs,
+    )
+    if warning:
+        logger.warning(warning)
+    return dataclasses.replace(config, model=record_encoder_weights(config.model))
+
+
 def build_data_config(workers: int):
     """Ray Train's dataset options: the training set is split among the workers (equal rows
-    each); validation is not (``evaluate_shard``). One worker reads the training set itself:
+    each); validation is not a Ray dataset (``validate_images``). One worker reads the training set itself:
     splitting it for one starts a coordinator actor per run (5-8 s of a short run on 2 cores)
     that only passes the same rows on."""
     import ray.train
@@ -564,24 +710,60 @@ def required_cpus(config: Config) -> int:
     return config.train.workers * config.train.cpus_per_worker + DATA_CPUS
 
 
+def is_verbose() -> bool:
+    """Whether Ray's own progress bars and INFO lines are shown (``--verbose`` sets it)."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def quiet_ray_logging() -> None:
+    """Unless verbose: Ray Data's progress bars off and Ray's INFO lines kept out of the console
+    (this process's and, through ``ray.init(logging_config=...)``, the workers'); they stay in
+    Ray's session log folder. Our own progress lines are plain prints and still show."""
+    if is_verbose():
+        return
+    import ray
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
 def init_ray(min_cpus: int = 1) -> None:
     """Connect to RAY_ADDRESS when set (a cluster, `ray job submit`); otherwise start local Ray
     with at least ``min_cpus`` logical CPUs, so that e.g. two training workers on a 2-core laptop
-    still leave a CPU for Ray Data instead of waiting for one forever."""
+    still leave a CPU for Ray Data instead of waiting for one forever. Quiet unless verbose
+    (``quiet_ray_logging``); says once where Ray's own logs are."""
     import ray
 
+    quiet_ray_logging()
     if ray.is_initialized():
         return
+    logging_config = None if is_verbose() else ray.LoggingConfig(log_level="WARNING")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(logging_config=logging_config)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus))
+        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), logging_config=logging_config)
+    if not is_verbose():
+        print(f"[unet_ray] Ray's own logs: {ray_log_folder()} (--verbose shows them)", flush=True)
+
+
+def ray_log_folder() -> str:
+    """The log folder of this Ray session (``/tmp/ray/session_*/logs`` on local Ray)."""
+    import ray
+
+    try:
+        return ray._private.worker.global_worker.node.get_logs_dir_path()
+    except AttributeError:  # private API moved: point at Ray's default place
+        return os.path.join(tempfile.gettempdir(), "ray", "session_latest", "logs")
 
 
 def run_training(config: Config, fault_injection: dict[str, Any] | None = None) -> TrainResult:
     """Train, or resume when OUTPUT already holds a run (same command, same --output)."""
     import ray
 
+    io.check_writable(config.train.output)  # a bad OUTPUT is exit 2 before any work
+    config = prepare_run_config(config)
     init_ray(required_cpus(config))
     available = ray.cluster_resources().get("CPU", 0)
     if available < required_cpus(config):
@@ -617,13 +799,15 @@ def collect_result(output: str, result) -> TrainResult:
         metrics=best_info["metrics"],
         history=state["history"],
         run_starts=state["run_starts"],
+        state=state,
     )
 
 
 def _latest_state(result) -> dict[str, Any]:
-    """History and restarts, from Ray Train's latest checkpoint of the run."""
+    """The training state (history, restarts, digests), from Ray Train's latest checkpoint."""
     if result.checkpoint is None:
-        return {"history": [], "run_starts": []}
+        return {"history": [], "run_starts": [], "digests": {}, "resumes": []}
     with result.checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-    return {"history": state["history"], "run_starts": state["run_starts"]}
+    state.pop("optimizer", None)
+    return state

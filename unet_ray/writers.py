@@ -9,6 +9,10 @@ with the image's top-left *corner* at (0, 0), so pixel (row r, column c) covers
 between a nucleus's edge pixels and the background (marching squares at level 0.5), so a
 polygon's area equals its pixel count up to the corners it cuts (a few percent for nuclei of 50
 pixels, less for larger ones).
+
+``<stem>.nuclei.csv`` reports mean intensities in the input image's own units: raw 16-bit values
+for a 16-bit image, the file's values for a float image, 0..255 for an 8-bit one (never the 8-bit
+rendering the network sees); its ``intensity_dtype`` column names that pixel type.
 """
 
 from __future__ import annotations
@@ -58,7 +62,9 @@ NUCLEI_COLUMNS = (
     "mean_red",
     "mean_green",
     "mean_blue",
+    "intensity_dtype",  # pixel type of the input, whose raw units the mean_* columns are in
 )
+INTENSITY_SIGNIFICANT_DIGITS = 7  # float32 precision, whatever the units (0..1 or 0..65535)
 
 
 def output_names(stem: str) -> dict[str, str]:
@@ -170,12 +176,17 @@ def encode_geojson(labels: np.ndarray) -> bytes:
 def nuclei_table(labels: np.ndarray, image: np.ndarray) -> list[dict[str, Any]]:
     """One row per nucleus: label, area (pixels), centroid, bbox and mean intensities.
 
-    Coordinates as in the module docstring (bbox max is the far edge, i.e. exclusive); the
-    intensities are of the 8-bit RGB image: ``mean_intensity`` averages R, G and B.
+    Coordinates as in the module docstring (bbox max is the far edge, i.e. exclusive). The
+    intensities are of ``image`` as given, (H x W) or (H x W x 3) of any numeric dtype, in its
+    own units (pass the original, not the 8-bit rendering): ``mean_red/green/blue`` per channel
+    (all three equal for a grayscale image) and ``mean_intensity`` their average.
     """
     labels = np.asarray(labels)
+    image = np.asarray(image)
     if image.shape[:2] != labels.shape:
         raise ValueError(f"labels {labels.shape} and image {image.shape[:2]} differ in size")
+    if image.ndim == 3 and image.shape[2] != 3:
+        raise ValueError(f"image must be H x W or H x W x 3, got shape {image.shape}")
     if not labels.any():
         return []
     table = regionprops_table(
@@ -183,7 +194,10 @@ def nuclei_table(labels: np.ndarray, image: np.ndarray) -> list[dict[str, Any]]:
         intensity_image=image,
         properties=("label", "area", "centroid", "bbox", "intensity_mean"),
     )
-    channel_means = [table[f"intensity_mean-{channel}"] for channel in range(3)]
+    if image.ndim == 2:
+        channel_means = [table["intensity_mean"]] * 3
+    else:
+        channel_means = [table[f"intensity_mean-{channel}"] for channel in range(3)]
     rows = []
     for index in range(len(table["label"])):
         red, green, blue = (float(means[index]) for means in channel_means)
@@ -197,13 +211,19 @@ def nuclei_table(labels: np.ndarray, image: np.ndarray) -> list[dict[str, Any]]:
                 "min_y": int(table["bbox-0"][index]),
                 "max_x": int(table["bbox-3"][index]),
                 "max_y": int(table["bbox-2"][index]),
-                "mean_intensity": round((red + green + blue) / 3, 3),
-                "mean_red": round(red, 3),
-                "mean_green": round(green, 3),
-                "mean_blue": round(blue, 3),
+                "mean_intensity": round_intensity((red + green + blue) / 3),
+                "mean_red": round_intensity(red),
+                "mean_green": round_intensity(green),
+                "mean_blue": round_intensity(blue),
+                "intensity_dtype": image.dtype.name,
             }
         )
     return rows
+
+
+def round_intensity(value: float) -> float:
+    """``value`` to ``INTENSITY_SIGNIFICANT_DIGITS`` significant digits."""
+    return float(f"{value:.{INTENSITY_SIGNIFICANT_DIGITS}g}")
 
 
 def encode_csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> bytes:
@@ -216,6 +236,7 @@ def encode_csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> bytes:
 
 
 def encode_nuclei_csv(labels: np.ndarray, image: np.ndarray) -> bytes:
+    """The nuclei table of ``nuclei_table`` as CSV; ``image`` in the input's own units."""
     return encode_csv(nuclei_table(labels, image), NUCLEI_COLUMNS)
 
 
@@ -231,14 +252,24 @@ def encode_overlay_png(image: np.ndarray, labels: np.ndarray) -> bytes:
 
 
 def encode_outputs(
-    image: np.ndarray, mask: np.ndarray, labels: np.ndarray, stem: str
+    image: np.ndarray,
+    mask: np.ndarray,
+    labels: np.ndarray,
+    stem: str,
+    original: np.ndarray | None = None,
 ) -> dict[str, bytes]:
-    """{file name: bytes} of all five outputs of one image."""
+    """{file name: bytes} of all five outputs of one image.
+
+    ``image`` is the RGB uint8 rendering (drawn on in the overlay); ``original`` the image in its
+    own units (``io.decode_image_with_original``) for the nuclei table's intensities, by default
+    ``image`` itself.
+    """
     names = output_names(stem)
+    intensities = image if original is None else original
     return {
         names["mask"]: encode_mask_png(mask),
         names["labels"]: encode_labels_tiff(labels),
         names["geojson"]: encode_geojson(labels),
-        names["nuclei"]: encode_nuclei_csv(labels, image),
+        names["nuclei"]: encode_nuclei_csv(labels, intensities),
         names["overlay"]: encode_overlay_png(image, labels),
     }
