@@ -1,23 +1,28 @@
 # unet_ray: `make demo` sets up and runs the whole pipeline on built-in synthetic data;
-# `make test` sets up and runs the test suite. Both create .venv on first use.
+# `make test` sets up and runs the test suite. Both create .venv on first use, installing the
+# exact versions locked in constraints.txt; `make lock` regenerates that file.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo_output
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean benchmark
+.PHONY: demo test lint lock venv clean benchmark
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --upgrade pip -c constraints.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
+
+# Regenerate constraints.txt from a fresh, unconstrained install of '.[test]' (about 4 min).
+lock:
+	bash scripts/lock.sh $(PYTHON)
 
 lint: $(STAMP)
 	$(BIN)/ruff check unet_ray tests jobs benchmarks

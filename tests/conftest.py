@@ -1,9 +1,19 @@
-"""Shared fixtures: one local Ray instance and one real S3 endpoint (moto server) per test session."""
+"""Shared fixtures: one local Ray instance and one real S3 endpoint (moto server) per test session.
+
+The session is isolated from the machine it runs on (`pytest_configure`, before any test module
+imports Ray or torch): a fresh local Ray, never a running cluster named by RAY_ADDRESS; a random
+Ray auth token in RAY_AUTH_TOKEN, so nothing reads or writes ~/.ray/auth_token; an empty
+TORCH_HOME and no downloads, so a machine's torch hub cache or network never changes a test's
+outcome. Ray's worker processes inherit all of it.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import socket
+import tempfile
 import uuid
 
 import pytest
@@ -11,6 +21,47 @@ import pytest
 RAY_TEST_CPUS = (
     8  # logical CPUs on a 2-core machine: train workers, Tune trials and Ray Data fit together
 )
+# Environment variables the session sets for itself (None: removed), restored afterwards.
+_ISOLATED_ENV_KEYS = (
+    "RAY_ADDRESS",  # an inherited address would attach the tests to someone's cluster
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",  # Ray reads this before RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token
+    "RAY_AUTH_TOKEN_PATH",
+    "RAY_USAGE_STATS_ENABLED",
+    "TORCH_HOME",
+    "UNET_RAY_NO_DOWNLOAD",  # unet_ray.model: never download the ImageNet encoder weights
+)
+_saved_env: dict[str, str | None] = {}
+_torch_home: str | None = None
+
+
+def pytest_configure(config):
+    """Isolate the session's environment before test modules import Ray or torch."""
+    global _torch_home
+    _saved_env.update({key: os.environ.get(key) for key in _ISOLATED_ENV_KEYS})
+    _torch_home = tempfile.mkdtemp(prefix="unet_ray_torch_home_")
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.update(
+        {
+            "RAY_AUTH_MODE": "token",  # as users run it: authentication on
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "TORCH_HOME": _torch_home,
+            "UNET_RAY_NO_DOWNLOAD": "1",
+        }
+    )
+
+
+def pytest_unconfigure(config):
+    for key, value in _saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _saved_env.clear()
+    if _torch_home:
+        shutil.rmtree(_torch_home, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -61,12 +112,13 @@ def s3_bucket(s3_endpoint) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local(s3_endpoint, tmp_path_factory):
-    """One local Ray instance for the whole session (started after the S3 variables are set,
-    so every Ray worker process inherits them)."""
+    """A new local Ray instance for the whole session (started after the S3 variables are set,
+    so every Ray worker process inherits them); never a running cluster."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     ray.init(
+        address="local",
         num_cpus=RAY_TEST_CPUS,
         # with the dashboard, as users run it: Ray Train's PlacementGroupCleaner asks the state
         # API (served by the dashboard) whether a controller died, and only then releases the

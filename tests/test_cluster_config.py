@@ -19,6 +19,7 @@ from unet_ray.cli import build_parser, config_from_args
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_CONFIG_PATH = REPOSITORY_ROOT / "cluster.yaml"
 RAYJOB_MANIFEST_PATH = REPOSITORY_ROOT / "k8s" / "rayjob.yaml"
+CONSTRAINTS_PATH = REPOSITORY_ROOT / "constraints.txt"
 
 PROJECT_MOUNT = "~/unet_ray"
 AUTH_TOKEN_PATH = "~/.ray/auth_token"
@@ -92,10 +93,27 @@ def find_gpu_node_types(config: dict) -> dict[str, dict]:
     }
 
 
-def assert_ray_image(image: str) -> None:
+def read_locked_versions(path: Path) -> dict[str, str]:
+    """`name==version` lines of a pip constraints file, by lower-case name."""
+    versions = {}
+    for line in path.read_text().splitlines():
+        requirement = line.split("#", 1)[0].strip()
+        if requirement:
+            name, separator, version = requirement.partition("==")
+            assert separator, f"{path.name}: {line!r} is not an exact `name==version` pin"
+            versions[name.strip().lower()] = version.strip()
+    return versions
+
+
+@pytest.fixture(scope="module")
+def locked_ray_version() -> str:
+    return read_locked_versions(CONSTRAINTS_PATH)["ray"]
+
+
+def assert_ray_image(image: str, ray_version: str) -> None:
     repository, _, tag = image.partition(":")
     assert repository == RAY_IMAGE_REPOSITORY, image
-    assert tag.startswith(f"{ray.__version__}-"), f"{image} does not run Ray {ray.__version__}"
+    assert tag.startswith(f"{ray_version}-"), f"{image} does not run the locked Ray {ray_version}"
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +222,8 @@ def test_setup_installs_the_mounted_project_on_every_node(cluster_config):
     local_project = REPOSITORY_ROOT / cluster_config["file_mounts"][PROJECT_MOUNT]
     pyproject = (local_project / "pyproject.toml").read_text()
     assert re.search(r'^name = "unet_ray"$', pyproject, re.MULTILINE), local_project
-    install = f"pip install -e {PROJECT_MOUNT}"
+    install = f"pip install -c {PROJECT_MOUNT}/constraints.txt -e {PROJECT_MOUNT}"
+    assert (local_project / "constraints.txt").is_file()
     prepared = prepare_config(copy.deepcopy(cluster_config))
     # `ray up` runs setup_commands before the head's and the workers' own setup commands.
     assert install in prepared["head_setup_commands"]
@@ -225,9 +244,22 @@ def test_every_node_uses_token_authentication(cluster_config):
     assert cluster_config["file_mounts"][AUTH_TOKEN_PATH] == AUTH_TOKEN_PATH
 
 
-def test_cluster_image_runs_the_installed_ray(cluster_config):
+def test_installed_ray_is_the_locked_one(locked_ray_version):
+    assert ray.__version__ == locked_ray_version, (
+        f"Ray {ray.__version__} is installed but constraints.txt locks {locked_ray_version}: "
+        "run `make venv` (or `make lock` after changing pyproject.toml)"
+    )
+
+
+def test_locked_versions_are_exact_pins():
+    versions = read_locked_versions(CONSTRAINTS_PATH)
+    assert {"ray", "torch", "torchvision", "pytest", "ruff"} <= versions.keys()
+    assert "unet_ray" not in versions and "unet-ray" not in versions
+
+
+def test_cluster_image_runs_the_locked_ray(cluster_config, locked_ray_version):
     image = cluster_config["docker"]["image"]
-    assert_ray_image(image)
+    assert_ray_image(image, locked_ray_version)
     assert image.endswith("-gpu")
 
 
@@ -288,9 +320,9 @@ def test_rayjob_gpu_group_autoscales(gpu_group):
     assert requests[GPU_RESOURCE_K8S] == limits[GPU_RESOURCE_K8S]
 
 
-def test_rayjob_images_run_the_installed_ray(rayjob):
+def test_rayjob_images_run_the_locked_ray(rayjob, locked_ray_version):
     cluster_spec = rayjob["spec"]["rayClusterSpec"]
-    assert cluster_spec["rayVersion"] == ray.__version__
+    assert cluster_spec["rayVersion"] == locked_ray_version
     groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
     images = [
         container["image"]
@@ -299,7 +331,7 @@ def test_rayjob_images_run_the_installed_ray(rayjob):
     ]
     assert images
     for image in images:
-        assert_ray_image(image)
+        assert_ray_image(image, locked_ray_version)
 
 
 def test_rayjob_runtime_env_provides_the_project(rayjob):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,16 +28,38 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def write_hub_encoder_weights(torch_home: Path) -> Path:
+    """A torchvision vgg16_bn ``features.*`` state dict (random values) where torch's hub cache
+    keeps the ImageNet file, so the job's default ``--encoder-weights imagenet`` never downloads."""
+    import torch
+    import torchvision
+
+    url = torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1.url
+    path = torch_home / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    path.parent.mkdir(parents=True)
+    features = torchvision.models.vgg16_bn(weights=None).features.state_dict()
+    torch.save({f"features.{key}": value for key, value in features.items()}, path)
+    return path
+
+
 @pytest.fixture
 def ray_head(tmp_path):
-    """A separate local cluster (`ray start --head --block`), token authentication on; stopped after."""
+    """A separate local cluster (`ray start --head --block`), token authentication on; stopped after.
+
+    Its token is its own, in RAY_AUTH_TOKEN for the head and the job client alike: nothing reads
+    or writes ~/.ray/auth_token. Its TORCH_HOME is its own too, holding stand-in encoder weights."""
     dashboard_port = _free_port()
+    torch_home = tmp_path / "torch_home"
+    write_hub_encoder_weights(torch_home)
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # `python` in the job is this venv's
         "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "TORCH_HOME": str(torch_home),
     }
-    env.pop("RAY_ADDRESS", None)
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(key, None)
     # every port explicit and free: the session's own local Ray already holds Ray's default ones
     ports = [
         f"--{name}={_free_port()}"
@@ -107,8 +130,25 @@ def _wait_for_dashboard(address: str, head: subprocess.Popen, log: Path, seconds
     raise TimeoutError(f"the Ray dashboard at {address} did not come up in {seconds} s")
 
 
+def _get_status(url: str, token: str | None = None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+# a cluster start (up to 120 s), the job (up to 600 s) and the stop (up to 60 s); about 1 min on
+# an idle 2-core machine, 4-5 min on a loaded one
+@pytest.mark.timeout(900)
 def test_job_submit_smoke_test(ray_head):
     address, env = ray_head
+    # the cluster refuses a client without its token and serves one with it
+    assert _get_status(f"{address}/api/version") == 401
+    assert _get_status(f"{address}/api/version", token="wrong") == 403
+    assert _get_status(f"{address}/api/version", token=env["RAY_AUTH_TOKEN"]) == 200
     completed = subprocess.run(
         [
             str(BIN / "ray"),
