@@ -30,13 +30,15 @@ from unet_ray.tiling import predict_tiled
 COUNT_KEYS = ("tp", "fp", "fn", "inst_tp", "inst_fp", "inst_fn")
 
 
-def predict_logits(model, image: np.ndarray, segment: SegmentConfig, device: str) -> np.ndarray:
+def predict_logits(
+    model, image: np.ndarray, segment: SegmentConfig, device: str, channels_last: bool = True
+) -> np.ndarray:
     """Whole-image logits (H x W float32) of an RGB uint8 image, tiled as `segment` tiles it."""
     height, width = image.shape[:2]
     return predict_tiled(
         image,
         plan_image(height, width, segment),
-        make_batch_predictor(model, str(device)),
+        make_batch_predictor(model, str(device), channels_last),
         segment.batch_size,
     )
 

@@ -77,15 +77,20 @@ def select_device(use_gpu: bool) -> str:
     return "cpu"
 
 
-def make_batch_predictor(model, device: str) -> Callable[[np.ndarray], np.ndarray]:
+def make_batch_predictor(
+    model, device: str, channels_last: bool = True
+) -> Callable[[np.ndarray], np.ndarray]:
     """A function from uint8 windows (N x h x w x 3) to float32 logits (N x h x w).
 
-    On a GPU the batch runs channels-last under bfloat16 autocast; on the CPU in float32.
+    On a GPU the batch runs under bfloat16 autocast, channels-last unless ``channels_last`` is
+    False (validation during training leaves the memory format of the trained model alone); on
+    the CPU in float32.
     """
     import torch
 
     on_gpu = device.startswith("cuda")
-    if on_gpu:
+    channels_last = channels_last and on_gpu
+    if channels_last:
         model = model.to(device, memory_format=torch.channels_last)
     model.eval()
 
@@ -94,7 +99,8 @@ def make_batch_predictor(model, device: str) -> Callable[[np.ndarray], np.ndarra
         batch = batch.permute(0, 3, 1, 2).float().div_(PIXEL_SCALE)
         with torch.inference_mode():
             if on_gpu:
-                batch = batch.contiguous(memory_format=torch.channels_last)
+                if channels_last:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     logits = model(batch)
             else:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ TENSORBOARD_DIR = "tensorboard"
 SCORE_METRIC = "val_pixel_f1"
 BEST_SCORE_METRIC = "best_val_pixel_f1"  # running maximum: what Tune's ASHA compares trials on
 VAL_IMAGES_CSV = "val_images.csv"  # per-image validation scores of the latest epoch
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients find the dashboard
 VERBOSE_ENV = "UNET_RAY_VERBOSE"  # "1": Ray's progress bars and INFO lines on the console
 DATA_CPUS = 1  # a training run's Ray Data pipeline (read + augment) needs one CPU of its own
 # Fault injection for tests and drills: the last rank dies (os._exit) early in this epoch
@@ -83,6 +85,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    if not loop_config.get("verbose"):
+        quiet_worker_logging()
     config = Config.from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -331,7 +335,7 @@ def validate_images(
     for name, image, truth in read_split_images(
         prepared, rank_share(val_samples, rank, world_size)
     ):
-        logits = predict_logits(model, image, config.segment, str(device))
+        logits = predict_logits(model, image, config.segment, str(device), channels_last=False)
         loss = validation_loss(loss_function, logits, truth)
         row = score_image(name, sigmoid_in_place(logits), truth, config.instances)
         rows.append({**row, "loss": loss, "pixels": truth.size, "rank": rank})
@@ -604,7 +608,7 @@ def build_trainer(config: Config, prepared: str, callbacks=None, fault_injection
     An epoch is at least ``train.min_steps_per_epoch`` steps: a small set is drawn ``copies``
     times per epoch (``data.tile_copies``), each draw a new random crop and augmentation.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from unet_ray.data import (
@@ -635,6 +639,7 @@ def build_trainer(config: Config, prepared: str, callbacks=None, fault_injection
             "copies": copies,
             "samples": {split: list(info[split]["samples"]) for split in (TRAIN_SPLIT, VAL_SPLIT)},
             "fault_injection": fault_injection or _fault_injection_from_env(),
+            "verbose": is_verbose(),
         },
         scaling_config=ScalingConfig(
             num_workers=config.train.workers,
@@ -655,6 +660,11 @@ def build_trainer(config: Config, prepared: str, callbacks=None, fault_injection
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks,
+            # quiet unless verbose: Ray Train's INFO lines (one per report) stay in its log files
+            logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
+            # our progress lines are plain prints: no rerouting through Train's logger (which
+            # printed each line twice)
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets=datasets,
         dataset_config=build_data_config(workers),
@@ -729,6 +739,14 @@ def quiet_ray_logging() -> None:
     context.print_on_execution_start = False
 
 
+def quiet_worker_logging() -> None:
+    """In a Ray worker: Ray's INFO lines (Ray Train logs one per report, Ray Data one per
+    execution, some under loggers named by file path) go to Ray's log files, not the console."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("ray") or f"{os.sep}ray{os.sep}" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def init_ray(min_cpus: int = 1) -> None:
     """Connect to RAY_ADDRESS when set (a cluster, `ray job submit`); otherwise start local Ray
     with at least ``min_cpus`` logical CPUs, so that e.g. two training workers on a 2-core laptop
@@ -743,9 +761,29 @@ def init_ray(min_cpus: int = 1) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_config=logging_config)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), logging_config=logging_config)
+        # Ray Train's placement-group cleaner (an actor) asks the state API, served by the
+        # dashboard, without an address: with two local Ray instances on one machine it finds
+        # both and gives up. Its address, passed to every worker, names ours.
+        dashboard_port = free_port()
+        api_server = f"http://127.0.0.1:{dashboard_port}"
+        os.environ[API_SERVER_ENV] = api_server
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, min_cpus),
+            logging_config=logging_config,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            runtime_env={"env_vars": {API_SERVER_ENV: api_server}},
+        )
     if not is_verbose():
         print(f"[unet_ray] Ray's own logs: {ray_log_folder()} (--verbose shows them)", flush=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def ray_log_folder() -> str:
