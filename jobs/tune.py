@@ -20,9 +20,12 @@ SMOKE_TEST_FLAGS = {
     "num_samples": 2,
     "max_epochs": 1,
     "image_size": 64,
+    "tile_size": 64,
     "synth_count": 6,
     "workers": 1,
     "val_fraction": 0.34,
+    "encoder_weights": "none",  # a smoke test never downloads the ImageNet weights
+    "min_steps_per_epoch": 2,
 }
 
 

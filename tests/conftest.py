@@ -117,14 +117,19 @@ def ray_local(s3_endpoint, tmp_path_factory):
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    dashboard_port = _free_port()
     ray.init(
         address="local",
         num_cpus=RAY_TEST_CPUS,
         # with the dashboard, as users run it: Ray Train's PlacementGroupCleaner asks the state
         # API (served by the dashboard) whether a controller died, and only then releases the
-        # placement group of a run whose driver or Tune trial was killed
+        # placement group of a run whose driver or Tune trial was killed. Its workers are told
+        # which dashboard is theirs (as unet_ray.train.init_ray does), since tests start other
+        # local Ray instances beside this one.
         include_dashboard=True,
-        dashboard_port=_free_port(),
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
         log_to_driver=True,
         configure_logging=False,
         _temp_dir=None,

@@ -93,7 +93,7 @@ class TrainConfig:
 @dataclass
 class TuneConfig:
     num_samples: int = 8  # trials
-    max_epochs: int = 30  # epochs of the longest trial (ASHA max_t)
+    max_epochs: int = 30  # epochs of every trial that ASHA does not stop early
     grace_period: int = 2  # epochs before ASHA may stop a trial
     reduction_factor: int = 2  # ASHA
     max_concurrent: int = 0  # 0: as many as the cluster's CPUs/GPUs hold

@@ -1,13 +1,15 @@
-"""Hyperparameter search on Ray Tune: each trial is a Ray Train run; Optuna TPE + ASHA on val F1."""
+"""Hyperparameter search on Ray Tune: each trial a Ray Train run; Optuna TPE + ASHA on best val F1."""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import csv
+import dataclasses
 import io as _bytes_io
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,9 @@ from unet_ray import io
 from unet_ray.checkpoint import CONFIG_FILE, MODEL_FILE
 from unet_ray.config import Config
 from unet_ray.train import (
+    API_SERVER_ENV,
     BEST_DIR,
+    BEST_SCORE_METRIC,
     SCORE_METRIC,
     build_trainer,
     init_ray,
@@ -33,6 +37,11 @@ TRIALS_CSV = "trials.csv"
 TRIALS_PNG = "trials.png"
 BEST_YAML = "best.yaml"
 TRIAL_DRIVER_CPUS = 0.01  # the trial function only starts a TorchTrainer and waits (Tune refuses 0)
+# What ASHA's rungs and Optuna compare: each trial's best validation pixel F1 so far (train.py
+# reports it every epoch). The current F1 would be unfair: the rungs fall at epochs 2, 4, 8, 16,
+# where the cyclic schedule is at its minimum learning rate and a warm restart is not, so one
+# schedule would be culled systematically; and Optuna would learn from a trial's last epoch.
+SEARCH_METRIC = BEST_SCORE_METRIC  # "best_val_pixel_f1"
 # (search-space key, config section, field)
 SEARCH_KEYS = (
     ("scheduler", "train", "scheduler"),
@@ -69,14 +78,22 @@ def tune_config_from_args(args: argparse.Namespace, config: Config) -> Config:
 
 def build_search_space(config: Config) -> dict[str, Any]:
     """Scheduler and batch size from lists, max lr log-uniform; loss, decoder batch-norm and
-    elastic probability join the search when their lists in the `tune` section are not empty."""
+    elastic probability join the search when their lists in the `tune` section are not empty.
+    Batch sizes that do not divide by the workers are left out (each worker gets an equal share)."""
     from ray import tune
 
     search = config.tune
+    workers = config.train.workers
+    batch_sizes = [size for size in search.batch_sizes if size % workers == 0]
+    if not batch_sizes:
+        raise ValueError(
+            f"none of tune.batch_sizes {list(search.batch_sizes)} divides by --workers {workers}: "
+            f"list multiples of {workers} in the tune section of --config"
+        )
     space: dict[str, Any] = {
         "scheduler": tune.choice(list(search.schedulers)),
         "max_lr": tune.loguniform(search.max_lr_min, search.max_lr_max),
-        "batch_size": tune.choice(list(search.batch_sizes)),
+        "batch_size": tune.choice(batch_sizes),
     }
     for key, values in (
         ("loss", search.losses),
@@ -113,13 +130,26 @@ def run_trial(trial: dict[str, Any]) -> None:
         raise RuntimeError(f"trial {trial_id} failed: {result.error}") from result.error
 
 
+def trial_cpus(config: Config) -> float:
+    """CPUs one trial holds: its driver's fraction, its Train workers' and one for Ray Data."""
+    return TRIAL_DRIVER_CPUS + required_cpus(config)
+
+
+def required_search_cpus(config: Config) -> int:
+    """Logical CPUs a local Ray needs for the search: every trial that runs at once gets all it
+    holds, so no Ray Data task waits forever for a CPU that a trial's driver keeps a sliver of."""
+    return math.ceil(max(1, config.tune.max_concurrent) * trial_cpus(config))
+
+
 def max_concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
-    """Trials that fit at once: each needs its Train workers' CPUs/GPUs plus one CPU for data."""
+    """Trials that fit at once: each needs its driver's CPU fraction, its Train workers'
+    CPUs/GPUs and one CPU for data."""
     if config.tune.max_concurrent > 0:
         return config.tune.max_concurrent
     train = config.train
-    cpus_per_trial = required_cpus(config)
-    fits = int(cluster.get("CPU", 1) // cpus_per_trial)
+    cpus_per_trial = trial_cpus(config)
+    # Ray counts resources in units of 1e-4; the rounding keeps e.g. 4.02 // 2.01 at 2
+    fits = math.floor(round(cluster.get("CPU", 1) / cpus_per_trial, 6))
     if train.use_gpu:
         fits = min(fits, int(cluster.get("GPU", 0) // train.workers))
     if fits < 1:
@@ -131,12 +161,43 @@ def max_concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
     return fits
 
 
+def build_asha(config: Config):
+    """ASHA early stopping, or None when no rung falls before the last epoch (no early stopping).
+
+    At each rung (grace period x reduction factor^k epochs) a trial below the top
+    1/reduction_factor of those that reached the rung before it is stopped. The rungs lie before
+    the last epoch and ASHA never stops a trial there (``stop_last_trials=False``): a trial that
+    reached its last epoch ends by itself, so its Train run writes its last outputs and releases
+    its placement group. A trial that Tune stops leaves that to Ray Train's PlacementGroupCleaner,
+    which asks the state API first.
+    """
+    from ray.tune.schedulers import ASHAScheduler
+
+    last_rung = config.tune.max_epochs - 1
+    if config.tune.grace_period > last_rung:
+        return None
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=SEARCH_METRIC,
+        mode="max",
+        max_t=last_rung,
+        grace_period=config.tune.grace_period,
+        reduction_factor=config.tune.reduction_factor,
+        stop_last_trials=False,
+    )
+
+
+def build_search_algorithm(config: Config):
+    """Optuna's TPE sampler, seeded, told each finished trial's best validation F1."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(metric=SEARCH_METRIC, mode="max", seed=config.tune.seed)
+
+
 def build_tuner(config: Config, prepared: str):
     """A new Tuner, or the interrupted one restored when OUTPUT already holds this experiment."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     output = config.train.output
     filesystem, storage_path = io.resolve_filesystem(output)
@@ -163,15 +224,8 @@ def build_tuner(config: Config, prepared: str):
             "prepared": prepared,
         },
         tune_config=tune.TuneConfig(
-            search_alg=OptunaSearch(metric=SCORE_METRIC, mode="max", seed=config.tune.seed),
-            scheduler=ASHAScheduler(
-                time_attr="training_iteration",
-                metric=SCORE_METRIC,
-                mode="max",
-                max_t=config.tune.max_epochs,
-                grace_period=config.tune.grace_period,
-                reduction_factor=config.tune.reduction_factor,
-            ),
+            search_alg=build_search_algorithm(config),
+            scheduler=build_asha(config),
             num_samples=config.tune.num_samples,
             max_concurrent_trials=concurrent,
         ),
@@ -192,12 +246,15 @@ def state_api_problem() -> str:
 
     Ray Train V2 releases the placement group of a run whose controller died (a trial that ASHA
     stopped, or one that crashed) only after asking the state API, which the dashboard serves;
-    without it the stopped trials' CPUs and GPUs stay reserved until the search ends.
+    without it the stopped trials' CPUs and GPUs stay reserved until the search ends. Asks the
+    connected cluster's own state API (several local Ray instances may run on one machine).
     """
+    import ray
     from ray.util.state import list_nodes
 
+    address = os.environ.get(API_SERVER_ENV) or ray.get_runtime_context().gcs_address
     try:
-        list_nodes(limit=1, timeout=STATE_API_TIMEOUT_S)
+        list_nodes(address=address, limit=1, timeout=STATE_API_TIMEOUT_S)
     except Exception as error:  # the state API raises several types, all meaning "unreachable"
         message = str(error).strip()
         return message.splitlines()[0] if message else type(error).__name__
@@ -205,8 +262,17 @@ def state_api_problem() -> str:
 
 
 def run_tuning(config: Config) -> TuneSummary:
-    """Prepare the data once, run (or resume) the search, write the tables, plot and best config."""
-    init_ray(required_cpus(config))
+    """Prepare the data once, run (or resume) the search, write the tables, plot and best config.
+
+    Before any work: OUTPUT must be writable, and the encoder weights are resolved once (an
+    offline machine without them is exit 2, not a crash in every trial) and recorded, so every
+    trial's workers check theirs against the same SHA-256 prefix."""
+    from unet_ray.model import record_encoder_weights
+
+    io.check_writable(config.train.output)
+    build_search_space(config)  # batch sizes that fit the workers, before Ray starts
+    config = dataclasses.replace(config, model=record_encoder_weights(config.model))
+    init_ray(required_search_cpus(config))
     problem = state_api_problem()
     if problem:
         logger.warning(
@@ -241,7 +307,7 @@ def summarise_trials(results, max_epochs: int) -> list[dict[str, Any]]:
                 "last_val_pixel_f1": scores[-1] if scores else None,
                 "epochs": len(scores),
                 "stopped_early": bool(scores) and len(scores) < max_epochs and result.error is None,
-                "error": "" if result.error is None else str(result.error).splitlines()[0][:200],
+                "error": "" if result.error is None else error_message(result.error),
                 "curve": scores,
             }
         )
@@ -250,6 +316,17 @@ def summarise_trials(results, max_epochs: int) -> list[dict[str, Any]]:
         reverse=True,
     )
     return rows
+
+
+ERROR_MESSAGE_CHARS = 200  # the trials table's error column holds one line of this length
+
+
+def error_message(error: BaseException) -> str:
+    """One line saying why a trial failed: the trial's own exception, not Ray's wrapper (whose
+    first line is only "ray::ImplicitFunc.train() (pid=..., ip=...)")."""
+    cause = getattr(error, "cause", None) or error  # a RayTaskError carries the raised exception
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"[:ERROR_MESSAGE_CHARS]
 
 
 def _trial_id(result) -> str:
