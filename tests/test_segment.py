@@ -421,13 +421,17 @@ def test_input_from_and_output_to_s3(ray_local, checkpoint, s3_bucket, tmp_path)
 
 
 @pytest.mark.ray
-def test_cli_segment_exit_codes(ray_local, checkpoint, tmp_path):
+def test_cli_segment_exit_codes(ray_local, checkpoint, tmp_path, monkeypatch):
+    """Also paths as users type them: INPUT and OUTPUT relative to the working directory (the
+    segmentation actors run in Ray's own working directory)."""
     from unet_ray.cli import main
 
     write_good_images(tmp_path / "in")
-    arguments = ["segment", checkpoint, str(tmp_path / "in"), str(tmp_path / "out")]
+    monkeypatch.chdir(tmp_path)
+    arguments = ["segment", checkpoint, "in", "out"]
     assert main([*arguments, "--tile", "256", "--overlap", "16", "--batch-size", "2"]) == 0
     assert read_manifest(str(tmp_path / "out" / "manifest.csv"))["rgb.png"]["status"] == "ok"
+    assert (tmp_path / "out" / "rgb.labels.tif").is_file()
     assert main([*arguments, "--tile", "500"]) == 2  # bad usage, nothing run
 
 

@@ -587,8 +587,12 @@ def segment_main(args: argparse.Namespace) -> int:
 
     Bad flags and an OUTPUT that cannot be written raise ValueError before Ray starts.
     """
+    from unet_ray.cli import absolute_path
     from unet_ray.train import init_ray
 
+    # Ray's actors run in another working directory: local paths are the user's, made absolute
+    for name in ("checkpoint", "input", "output"):
+        setattr(args, name, absolute_path(getattr(args, name)))
     segment, instances = configs_from_args(args)
     io.check_writable(args.output)
     init_ray()
