@@ -40,6 +40,7 @@ SCORE_METRIC = "val_pixel_f1"
 BEST_SCORE_METRIC = "best_val_pixel_f1"  # running maximum: what Tune's ASHA compares trials on
 VAL_IMAGES_CSV = "val_images.csv"  # per-image validation scores of the latest epoch
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients find the dashboard
+PROGRESS_NOTICE_KEY = "ray_data_progress_manager_disabled"  # Ray Data's log_once key
 VERBOSE_ENV = "UNET_RAY_VERBOSE"  # "1": Ray's progress bars and INFO lines on the console
 DATA_CPUS = 1  # a training run's Ray Data pipeline (read + augment) needs one CPU of its own
 # Fault injection for tests and drills: the last rank dies (os._exit) early in this epoch
@@ -733,18 +734,28 @@ def quiet_ray_logging() -> None:
         return
     import ray
 
-    logging.getLogger("ray").setLevel(logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    quiet_worker_logging()
+
+
+def _skip_progress_bar_notice() -> None:
+    """Ray Data warns once per process that progress bars are off; we turned them off on
+    purpose (``--verbose`` turns them on), so mark that warning as given."""
+    from ray.util.debug import log_once
+
+    log_once(PROGRESS_NOTICE_KEY)
 
 
 def quiet_worker_logging() -> None:
-    """In a Ray worker: Ray's INFO lines (Ray Train logs one per report, Ray Data one per
-    execution, some under loggers named by file path) go to Ray's log files, not the console."""
+    """In a Ray worker (and the driver): Ray's INFO lines (Ray Train logs one per report, Ray
+    Data one per execution and write, some under loggers named by file path) go to Ray's log
+    files, not the console."""
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("ray") or f"{os.sep}ray{os.sep}" in name:
             logging.getLogger(name).setLevel(logging.WARNING)
+    _skip_progress_bar_notice()
 
 
 def init_ray(min_cpus: int = 1) -> None:
@@ -776,6 +787,7 @@ def init_ray(min_cpus: int = 1) -> None:
             runtime_env={"env_vars": {API_SERVER_ENV: api_server}},
         )
     if not is_verbose():
+        quiet_ray_logging()  # ray.init configured Ray's loggers anew
         print(f"[unet_ray] Ray's own logs: {ray_log_folder()} (--verbose shows them)", flush=True)
 
 
