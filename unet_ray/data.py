@@ -634,13 +634,10 @@ def decode_tiles(batch: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[n
 
 
 def crop_window(
-    height: int, width: int, size: int, rng: np.random.Generator | None
+    height: int, width: int, size: int, rng: np.random.Generator
 ) -> tuple[slice, slice]:
-    """A size x size window: uniformly random with a generator, centred without one."""
-    if rng is None:
-        top, left = (height - size) // 2, (width - size) // 2
-    else:
-        top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+    """A uniformly random size x size window inside a height x width tile."""
+    top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
     return slice(top, top + size), slice(left, left + size)
 
 
