@@ -4,7 +4,8 @@ python benchmarks/run.py [--quick] [--only augment flops train segment] [--json 
 
 Parts (each a ``benchmarks/bench_<part>.py`` with ``run(quick) -> dict``): augmentation images/s
 per core, model FLOPs and FLOP/s against a measured matmul peak, training throughput (Ray Train
-against plain PyTorch, time waiting for data), segmentation tiling speed and agreement. A part
+against plain PyTorch, time waiting for data), segmentation tiling speed and agreement, whole-slide
+throughput and per-actor memory (slides). A part
 that fails becomes an error row; the others still run. ``--quick`` finishes in minutes on a
 2-core CPU; the full mode is meant for a GPU (bf16 autocast, channels_last), same keys.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 DEFAULT_JSON = BENCHMARKS_DIR / "results.json"
-PARTS = ("augment", "flops", "train", "segment")
+PARTS = ("augment", "flops", "train", "segment", "slides")
 ERROR_MESSAGE_CHARS = 300
 
 # (key, description, comparison, target, applies only on a GPU); the table lists them in order.
@@ -44,6 +45,10 @@ METRICS = (
     ("segment_agreement", "pixels equal to whole-image inference", ">=", 0.999, False),
     ("augment_images_per_s_per_core", "augmentation images/s per core", None, None, False),
     ("augment_elastic_images_per_s_per_core", "... with elastic, per core", None, None, False),
+    ("slides_mpix_per_s_16k", "16k x 16k slide MP/s, background skipped", None, None, False),
+    ("slides_tissue_mpix_per_s", "slide MP/s of segmented regions", None, None, False),
+    ("slides_skipped_fraction_16k", "16k slide regions skipped as background", None, None, False),
+    ("slides_rss_ratio_16k_vs_4k", "actor peak RSS, 16k / 4k slide", "<=", 1.10, False),
 )
 METRICS_BY_KEY = {row[0]: row for row in METRICS}
 PART_OF_PREFIX = {
@@ -53,6 +58,7 @@ PART_OF_PREFIX = {
     "infer_": "flops",
     "segment_": "segment",
     "augment_": "augment",
+    "slides_": "slides",
 }
 FLOPS_KEYS = ("train_flops_fraction_of_peak",)  # starts with train_ but belongs to flops
 

@@ -267,7 +267,9 @@ def list_inputs(input_uri: str) -> list[str]:
     """The image URIs of a folder/prefix (not recursive), or ``[input_uri]`` for one image file."""
     if is_file(input_uri):
         return [str(input_uri)]
-    found = io.list_files(input_uri, io.IMAGE_SUFFIXES)
+    from unet_ray.slides import SLIDE_SUFFIXES
+
+    found = io.list_files(input_uri, io.IMAGE_SUFFIXES + SLIDE_SUFFIXES)
     if not found:
         raise FileNotFoundError(
             f"no images ({', '.join(io.IMAGE_SUFFIXES)}) in {input_uri}: give a folder, an "
@@ -474,8 +476,12 @@ def run_segmentation(
     segment: SegmentConfig,
     instances: InstanceConfig,
     cpus_per_worker: int | None = None,
+    slide=None,
 ) -> SegmentSummary:
     """Segment every image of ``input_uri`` into ``output_uri``; write ``manifest.csv``.
+
+    Whole-slide images (``unet_ray.slides``, ``slide``: a ``SlideConfig``) run region by region
+    on their own Ray Data job; their rows join the manifest.
 
     Needs a running Ray (``ray.init()``). Images whose five outputs exist are skipped unless
     ``segment.overwrite``. Bad inputs become error rows; the summary's ``exit_code`` is 1 then.
@@ -489,6 +495,10 @@ def run_segmentation(
     io.check_writable(output_uri)
     load_model(checkpoint)  # fail fast on a missing or corrupt checkpoint, before any actor
     inputs = drop_own_outputs(list_inputs(input_uri), input_uri, output_uri)
+    from unet_ray.slides import SlideConfig, partition_inputs, segment_slides
+
+    slide = slide or SlideConfig()
+    slide_inputs, inputs = partition_inputs(inputs, slide, segment)
     io.make_dirs(output_uri)
     to_run, rows = triage_inputs(inputs, output_uri, segment.overwrite)
     logger.info(
@@ -501,6 +511,11 @@ def run_segmentation(
     if to_run:
         cpus = cpus_per_worker or default_cpus_per_worker(segment.workers, segment.use_gpu)
         rows += segment_with_ray(checkpoint, to_run, output_uri, segment, instances, cpus)
+    if slide_inputs:
+        cpus = cpus_per_worker or default_cpus_per_worker(segment.workers, segment.use_gpu)
+        rows += segment_slides(
+            checkpoint, slide_inputs, output_uri, segment, instances, slide, cpus
+        )
     manifest_uri = io.join_uri(output_uri, MANIFEST_NAME)
     write_manifest(rows, manifest_uri)
     counts = {status: sum(row["status"] == status for row in rows) for status in MANIFEST_STATUSES}
@@ -557,6 +572,9 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=instance_defaults.threshold)
     parser.add_argument("--min-size", type=int, default=instance_defaults.min_size)
     parser.add_argument("--min-distance", type=int, default=instance_defaults.min_distance)
+    from unet_ray.slides import add_slide_arguments
+
+    add_slide_arguments(parser)
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[SegmentConfig, InstanceConfig]:
@@ -588,6 +606,7 @@ def segment_main(args: argparse.Namespace) -> int:
     Bad flags and an OUTPUT that cannot be written raise ValueError before Ray starts.
     """
     from unet_ray.cli import absolute_path
+    from unet_ray.slides import slide_config_from_args
     from unet_ray.train import init_ray
 
     # Ray's actors run in another working directory: local paths are the user's, made absolute
@@ -603,6 +622,7 @@ def segment_main(args: argparse.Namespace) -> int:
         segment,
         instances,
         cpus_per_worker=getattr(args, "cpus_per_worker", None),
+        slide=slide_config_from_args(args),
     )
     print(
         f"{summary.ok} ok, {summary.error} error, {summary.skipped} skipped; "

@@ -1,0 +1,180 @@
+"""Whole slides: megapixels per second, background skipped, per-actor peak memory vs slide size.
+
+python benchmarks/bench_slides.py [--quick]     # prints a markdown table
+
+Two synthetic pyramidal OME-TIFFs (tiled 256 px, zlib, written tile by tile), 4k x 4k and
+16k x 16k, carry the same tissue (synthetic H&E) on glass; each is segmented by its own
+`run_segmentation` job (one actor, fresh, so its peak RSS is that slide's), through the whole
+path: tissue mask, regions on Ray Data, outputs assembled. Per-actor peak RSS is the actor
+process's ``ru_maxrss`` (model, torch and one region's window, maps and labels): it must not grow
+with the slide (target: the 16k slide's within 10 % of the 4k one's). The time split sums the
+regions' reading, inference, post-processing (labels, ownership, polygons, table) and part
+writing; assembly is the rest of the job's wall time after the last region (plus actor start).
+Random-weight model (speed and memory do not depend on the weights); on a GPU the actor runs
+there (bf16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_common import standalone_main  # noqa: E402
+
+QUICK = {"region": 1024, "tissue": (1100, 1100, 900, 1800)}  # (top, left, height, width)
+FULL = {"region": 4096, "tissue": (4200, 4200, 3600, 7200)}
+SIDES = {"4k": 4096, "16k": 16384}
+MODEL_SEED = 0
+MEGA = 1e6
+
+
+def write_slides(folder: Path, tissue: tuple[int, int, int, int]) -> dict[str, str]:
+    from unet_ray.slide_synth import tissue_patches, write_synthetic_slide
+
+    patches = tissue_patches([tissue], seed=1)
+    paths = {}
+    for name, side in SIDES.items():
+        path = folder / name / f"slide_{name}.ome.tif"
+        path.parent.mkdir(parents=True)
+        write_synthetic_slide(str(path), side, side, patches, mpp=0.5)
+        paths[name] = str(path)
+    return paths
+
+
+def measure_slide(checkpoint: str, path: str, output: str, region: int, use_gpu: bool) -> dict:
+    """One job over one slide; its summary plus wall time."""
+    import torch
+
+    from unet_ray.config import InstanceConfig, SegmentConfig
+    from unet_ray.segment import run_segmentation
+    from unet_ray.slides import SlideConfig
+
+    threads = 1 if use_gpu else max(1, torch.get_num_threads())
+    segment = SegmentConfig(workers=1, use_gpu=use_gpu, overwrite=True)
+    started = time.perf_counter()
+    summary = run_segmentation(
+        checkpoint,
+        path,
+        output,
+        segment,
+        InstanceConfig(),
+        cpus_per_worker=threads,
+        slide=SlideConfig(region=region),
+    )
+    seconds = time.perf_counter() - started
+    if summary.ok != 1:
+        raise RuntimeError(f"slide benchmark job failed: {summary.rows}")
+    stem = Path(path).name.split(".")[0]
+    document = json.loads(Path(output, f"{stem}.slide.json").read_text())
+    document["wall_s"] = seconds
+    return document
+
+
+def run(quick: bool = True) -> dict:
+    import ray
+    import torch
+
+    from unet_ray.checkpoint import save_checkpoint
+    from unet_ray.config import Config
+    from unet_ray.model import UNetVGG16BN
+
+    settings = QUICK if quick else FULL
+    use_gpu = torch.cuda.is_available()
+    results: dict = {
+        "slides_region": settings["region"],
+        "slides_device": "gpu" if use_gpu else "cpu",
+    }
+    with tempfile.TemporaryDirectory(prefix="bench_slides_") as root:
+        torch.manual_seed(MODEL_SEED)
+        checkpoint = os.path.join(root, "checkpoint")
+        save_checkpoint(checkpoint, UNetVGG16BN(), Config().to_dict(), {})
+        started = time.perf_counter()
+        paths = write_slides(Path(root), settings["tissue"])
+        results["slides_write_inputs_s"] = round(time.perf_counter() - started, 1)
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        try:
+            for name, path in paths.items():
+                document = measure_slide(
+                    checkpoint, path, os.path.join(root, f"out_{name}"), settings["region"], use_gpu
+                )
+                side = SIDES[name]
+                region_seconds = sum(document["seconds"].values())
+                segmented = document["regions_done"]
+                results.update(
+                    {
+                        f"slides_{name}_wall_s": round(document["wall_s"], 1),
+                        f"slides_{name}_mpix_per_s": side * side / MEGA / document["wall_s"],
+                        f"slides_{name}_regions": document["regions"],
+                        f"slides_{name}_regions_segmented": segmented,
+                        f"slides_{name}_skipped_fraction": document["regions_skipped"]
+                        / document["regions"],
+                        f"slides_{name}_peak_rss_mb": max(
+                            document["peak_rss_mb_by_actor"].values()
+                        ),
+                        f"slides_{name}_nuclei": document["nuclei"],
+                        f"slides_{name}_assemble_and_overhead_s": round(
+                            document["wall_s"] - region_seconds, 1
+                        ),
+                        **{
+                            f"slides_{name}_{key}": value
+                            for key, value in document["seconds"].items()
+                        },
+                    }
+                )
+                core_pixels = segmented * settings["region"] ** 2
+                results[f"slides_{name}_tissue_mpix_per_s"] = core_pixels / MEGA / region_seconds
+        finally:
+            if started_ray:
+                ray.shutdown()
+    results["slides_rss_ratio_16k_vs_4k"] = (
+        results["slides_16k_peak_rss_mb"] / results["slides_4k_peak_rss_mb"]
+    )
+    results["slides_mpix_per_s_16k"] = results["slides_16k_mpix_per_s"]
+    results["slides_skipped_fraction_16k"] = results["slides_16k_skipped_fraction"]
+    results["slides_tissue_mpix_per_s"] = results["slides_16k_tissue_mpix_per_s"]
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = [
+        f"Whole slides on {results['slides_device']}, region {results['slides_region']} px, "
+        "one actor per job, same tissue on both slides",
+        "",
+        "| slide | regions (segmented) | skipped | wall s | slide MP/s | region MP/s (cores) "
+        "| read s | infer s | post s | write s | assembly + start s | actor peak RSS MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in SIDES:
+        lines.append(
+            f"| {name} | {results[f'slides_{name}_regions']} "
+            f"({results[f'slides_{name}_regions_segmented']}) "
+            f"| {results[f'slides_{name}_skipped_fraction']:.1%} "
+            f"| {results[f'slides_{name}_wall_s']:.1f} "
+            f"| {results[f'slides_{name}_mpix_per_s']:.3f} "
+            f"| {results[f'slides_{name}_tissue_mpix_per_s']:.3f} "
+            f"| {results[f'slides_{name}_read_s']:.1f} | {results[f'slides_{name}_infer_s']:.1f} "
+            f"| {results[f'slides_{name}_post_s']:.1f} | {results[f'slides_{name}_write_s']:.1f} "
+            f"| {results[f'slides_{name}_assemble_and_overhead_s']:.1f} "
+            f"| {results[f'slides_{name}_peak_rss_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Per-actor peak RSS, 16k / 4k: {results['slides_rss_ratio_16k_vs_4k']:.3f} "
+        "(target <= 1.10). Inputs written in "
+        f"{results['slides_write_inputs_s']} s.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return standalone_main(__doc__.splitlines()[0], run, format_table, "region 1024", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

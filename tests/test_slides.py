@@ -1,0 +1,387 @@
+"""Whole-slide images: window reading (local, S3), --mpp, tissue mask, region geometry, and the
+Ray job through `run_segmentation` on small synthetic pyramidal slides (region 256): seams against
+whole-image segmentation, pyramidal OME-TIFF / GeoJSON / Parquet / overlay outputs, a corrupt
+region recorded and then resumed."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from unet_ray import io, slides
+from unet_ray.checkpoint import save_checkpoint
+from unet_ray.config import Config, InstanceConfig, SegmentConfig
+from unet_ray.model import UNetVGG16BN
+from unet_ray.segment import make_batch_predictor, run_segmentation
+from unet_ray.slide_synth import Patch, tissue_patches, write_synthetic_slide
+from unet_ray.synth import generate_sample
+
+REGION, HALO = 256, 128  # four regions on the 512 x 512 seam slide; the default halo
+SLIDE_CONFIG = slides.SlideConfig(region=REGION, halo=HALO)
+SEGMENT = SegmentConfig(workers=2, batch_size=4)
+TRAIN_STEPS = 8  # SGD steps on synthetic H&E: enough for steep, nucleus-shaped probabilities
+MATCH_IOU = 0.95
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """The real U-Net, briefly trained on synthetic H&E so that its maps are nucleus-like.
+
+    A random-weight model's probabilities are flat (std 0.03): differences of 0.002 between two
+    tilings (its own, measured) already reshape 10 % of its blobs, which tests the model, not the
+    seams."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = UNetVGG16BN()
+    samples = [generate_sample(rng, 128, 128, "he") for _ in range(8)]
+    images = torch.tensor(np.stack([sample[0] for sample in samples])).permute(0, 3, 1, 2)
+    images = images.float() / 255
+    masks = torch.tensor(np.stack([sample[1] > 0 for sample in samples])).float()[:, None]
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for step in range(TRAIN_STEPS):
+        batch = torch.arange(4) + 4 * (step % 2)
+        logits = model(images[batch])[:, :1]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks[batch])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    folder = str(tmp_path_factory.mktemp("slide_checkpoint") / "trained")
+    save_checkpoint(folder, model.eval(), Config().to_dict(), {})
+    return folder
+
+
+def seam_patch() -> Patch:
+    return tissue_patches([(0, 0, 2 * REGION, 2 * REGION)], seed=2)[0]
+
+
+@pytest.fixture(scope="module")
+def slide_folder(tmp_path_factory) -> Path:
+    """A seam slide (all tissue, 512^2) and one small PNG (the image path)."""
+    folder = tmp_path_factory.mktemp("slides")
+    write_synthetic_slide(str(folder / "seams.ome.tif"), 512, 512, [seam_patch()], mpp=0.5)
+    small = generate_sample(np.random.default_rng(3), 96, 120, "he")[0]
+    (folder / "small.png").write_bytes(io.encode_png(small))
+    return folder
+
+
+def write_sparse_slide(path: Path, height: int = 1024, corrupt_tile: int | None = None) -> None:
+    """Background with tissue at rows 40-200, columns 60-440 (regions (0, 0) and (0, 1))."""
+    patches = tissue_patches([(40, 60, 160, 380)], seed=4)
+    write_synthetic_slide(str(path), height, 1536, patches, mpp=0.5)
+    if corrupt_tile is not None:
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages[0]
+            offset, count = page.dataoffsets[corrupt_tile], page.databytecounts[corrupt_tile]
+        with open(path, "r+b") as stream:  # a damaged tile inside the tissue: zlib fails there
+            stream.seek(offset)
+            stream.write(b"\x00" * count)
+
+
+@pytest.fixture(scope="module")
+def job(ray_local, checkpoint, slide_folder, tmp_path_factory):
+    output = tmp_path_factory.mktemp("slides_out")
+    summary = run_segmentation(
+        checkpoint, str(slide_folder), str(output), SEGMENT, InstanceConfig(), slide=SLIDE_CONFIG
+    )
+    return summary, output
+
+
+def read_manifest(folder: Path) -> dict[str, dict[str, str]]:
+    with open(folder / "manifest.csv") as stream:
+        return {Path(row["input"]).name: row for row in csv.DictReader(stream)}
+
+
+def summary_of(folder: Path, stem: str) -> dict:
+    return json.loads((folder / f"{stem}.slide.json").read_text())
+
+
+def match_nuclei(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each reference nucleus: the candidate label overlapping it most, and their IoU."""
+    pairs = reference.astype(np.int64) * (int(candidate.max()) + 1) + candidate
+    overlap = np.bincount(pairs.ravel(), minlength=(reference.max() + 1) * (candidate.max() + 1))
+    overlap = overlap.reshape(reference.max() + 1, candidate.max() + 1)[1:, 1:]
+    reference_area = np.bincount(reference.ravel())[1:]
+    candidate_area = np.bincount(candidate.ravel(), minlength=candidate.max() + 1)[1:]
+    best = overlap.argmax(axis=1)
+    shared = overlap[np.arange(len(best)), best]
+    return best + 1, shared / (reference_area + candidate_area[best] - shared)
+
+
+def straddling_labels(labels: np.ndarray, seam: int) -> list[int]:
+    """Labels on both sides of the row or the column seam at ``seam``."""
+    rows = set(np.unique(labels[seam - 1])) & set(np.unique(labels[seam]))
+    columns = set(np.unique(labels[:, seam - 1])) & set(np.unique(labels[:, seam]))
+    return sorted(int(label) for label in rows | columns if label)
+
+
+# ----------------------------------------------------------------------------- without Ray
+
+
+def test_regions_partition_the_frame_and_clip_their_windows():
+    regions = slides.plan_regions(600, 1000, 256, 64, 32)
+    assert len(regions) == 3 * 4
+    covered = np.zeros((600, 1000), dtype=int)
+    for region in regions:
+        covered[region.core.top : region.core.bottom, region.core.left : region.core.right] += 1
+        assert region.window == region.core.grow(64, 600, 1000)
+        assert region.spill.top >= region.window.top and region.spill.bottom <= region.window.bottom
+    assert (covered == 1).all()
+    last = regions[-1]
+    assert last.core == slides.Box(512, 600, 768, 1000)
+    assert last.window == slides.Box(448, 600, 704, 1000)
+
+
+def test_bad_slide_flags_name_the_fix():
+    with pytest.raises(ValueError, match="multiple of 256; try 512"):
+        slides.check_slide_config(slides.SlideConfig(region=500), SegmentConfig())
+    with pytest.raises(ValueError, match="must exceed the tile overlap"):
+        slides.check_slide_config(slides.SlideConfig(halo=32), SegmentConfig(overlap=32))
+
+
+def test_windows_read_the_slide_pixels_at_each_resolution(tmp_path):
+    patch = seam_patch()
+    path = str(tmp_path / "slide.ome.tif")
+    levels = write_synthetic_slide(path, 512, 512, [patch], mpp=0.25)
+    reader = slides.SlideReader(path)
+    assert reader.mpp == pytest.approx(0.25) and len(reader.level_dimensions) == levels == 1
+    box = slides.Box(100, 260, 300, 512)
+    assert np.array_equal(slides.read_frame_window(reader, box, 1.0), patch.pixels[100:260, 300:])
+    # --mpp 0.5 on a 0.25-um slide: a frame of half the size, pixels averaged 2 x 2
+    half = slides.read_frame_window(reader, slides.Box(0, 256, 0, 256), 2.0)
+    expected = patch.pixels.reshape(256, 2, 256, 2, 3).mean(axis=(1, 3))
+    assert half.shape == (256, 256, 3)
+    assert np.abs(half.astype(float) - expected).mean() < 1.0
+
+
+def test_pyramid_level_is_read_when_coarser_mpp_is_asked(tmp_path):
+    patches = tissue_patches([(0, 0, 1024, 1024)], seed=5)
+    path = str(tmp_path / "pyramid.tif")
+    assert write_synthetic_slide(path, 1024, 1024, patches, mpp=0.25) == 2
+    reader = slides.SlideReader(path)
+    assert slides.best_level(reader.level_downsamples, 2.0) == 1
+    assert slides.best_level(reader.level_downsamples, 1.5) == 0
+    window = slides.read_frame_window(reader, slides.Box(10, 100, 20, 90), 2.0)
+    level_one = reader.read(1, 0, 0, 512, 512)
+    assert np.array_equal(window, level_one[10:100, 20:90])
+
+
+def test_mpp_without_a_slide_resolution_is_a_clear_error(tmp_path):
+    path = str(tmp_path / "no_mpp.tif")
+    write_synthetic_slide(path, 512, 512, [seam_patch()], mpp=None)
+    with pytest.raises(slides.SlideError, match=r"no_mpp.tif: --mpp 0.5 asked.*leave --mpp out"):
+        slides.plan_slide(path, str(tmp_path / "out"), slides.SlideConfig(mpp=0.5), SEGMENT)
+
+
+def test_slide_window_from_s3_equals_local(tmp_path, s3_bucket):
+    import boto3
+
+    path = tmp_path / "remote.ome.tif"
+    patch = seam_patch()
+    write_synthetic_slide(str(path), 512, 512, [patch], mpp=0.5)
+    boto3.client("s3").upload_file(str(path), s3_bucket, "slides/remote.ome.tif")
+    uri = f"s3://{s3_bucket}/slides/remote.ome.tif"
+    assert slides.is_slide(uri, 256) and not slides.is_slide(uri, 512)
+    reader = slides.SlideReader(uri)
+    window = slides.read_frame_window(reader, slides.Box(200, 300, 0, 128), 1.0)
+    reader.close()
+    assert np.array_equal(window, patch.pixels[200:300, :128])
+
+
+def test_dispatch_sends_only_large_tiffs_and_slide_formats_to_the_slide_path(tmp_path):
+    large = str(tmp_path / "large.tif")
+    write_synthetic_slide(large, 300, 700, tissue_patches([(0, 0, 300, 700)]), mpp=None)
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, np.zeros((200, 200, 3), np.uint8))
+    png = tmp_path / "big.png"
+    Image.fromarray(np.zeros((600, 600, 3), np.uint8)).save(png)
+    inputs = [large, str(plain), str(png), str(tmp_path / "case.svs"), "x.labels.ome.tif"]
+    found, images = slides.partition_inputs(inputs, slides.SlideConfig(region=512), SEGMENT)
+    assert found == [large, str(tmp_path / "case.svs")]
+    assert images == [str(plain), str(png)]
+
+
+def test_tissue_mask_keeps_only_regions_with_tissue(tmp_path):
+    path = tmp_path / "sparse.tif"
+    write_sparse_slide(path)
+    plan = slides.plan_slide(str(path), str(tmp_path / "out"), SLIDE_CONFIG, SEGMENT)
+    assert plan.to_segment == ["r0000_c0000", "r0000_c0001"]
+    assert len(plan.skipped) == 22
+    everything = slides.SlideConfig(region=REGION, halo=HALO, tissue_mask=False)
+    plan = slides.plan_slide(str(path), str(tmp_path / "out"), everything, SEGMENT)
+    assert len(plan.to_segment) == 24 and not plan.skipped
+    gray = np.full((64, 64, 3), 200, np.uint8)
+    gray[20:40, 20:40] = 90
+    assert slides.tissue_mask(gray) is None  # no colour contrast: nothing is skipped
+
+
+# ----------------------------------------------------------------------------- the Ray job
+
+
+@pytest.mark.ray
+def test_job_routes_slides_and_images_and_counts_regions(job):
+    summary, output = job
+    rows = read_manifest(output)
+    assert summary.error == 0 and summary.ok == 2, rows
+    assert rows["seams.ome.tif"]["message"] == "regions: 4 done, 0 skipped (background), 0 failed"
+    assert (output / "small.labels.tif").is_file()  # the image path's outputs
+    seams = summary_of(output, "seams")
+    assert seams["status"] == "ok" and seams["regions_computed"] == 4
+    assert set(seams["seconds"]) == {"read_s", "infer_s", "post_s", "write_s"}
+    assert seams["seconds"]["infer_s"] > 0
+    assert all(peak > 100 for peak in seams["peak_rss_mb_by_actor"].values())
+    assert not (output / "seams.parts").exists()  # parts removed once assembled
+
+
+@pytest.mark.ray
+def test_outputs_are_pyramidal_and_label_ids_agree_across_files(job):
+    summary, output = job
+    rows = read_manifest(output)
+    nuclei = int(rows["seams.ome.tif"]["nuclei"])
+    assert nuclei > 50
+    with tifffile.TiffFile(output / "seams.labels.ome.tif") as tiff:
+        assert tiff.is_ome
+        levels = tiff.series[0].levels
+        assert [level.shape for level in levels] == [(512, 512), (256, 256)]
+        assert levels[0].dtype == np.uint32 and tiff.pages[0].is_tiled
+        assert 'PhysicalSizeX="0.5"' in tiff.ome_metadata
+        labels = levels[0].asarray()
+    assert np.array_equal(np.unique(labels), np.arange(nuclei + 1))  # unique slide-wide, dense
+    table = pq.read_table(output / "seams.nuclei.parquet").to_pandas()
+    assert sorted(table["label"]) == list(range(1, nuclei + 1))
+    areas = np.bincount(labels.ravel())[1:]
+    assert np.array_equal(table.sort_values("label")["area"].to_numpy(), areas)
+    geojson = json.loads((output / "seams.geojson").read_text())
+    feature_labels = sorted(
+        feature["properties"]["measurements"]["label"] for feature in geojson["features"]
+    )
+    assert feature_labels == list(range(1, nuclei + 1))
+    overlay = np.asarray(Image.open(output / "seams.overlay.png"))
+    assert overlay.shape == (512, 512, 3)
+    assert (overlay == (255, 255, 0)).all(axis=2).sum() > nuclei  # outlines drawn
+
+
+@pytest.mark.ray
+def test_regions_give_the_same_nuclei_as_one_image(job, checkpoint):
+    """Nuclei across the seams at 256: found once, whole, as when the slide is one image."""
+    from unet_ray.checkpoint import load_model
+
+    _, output = job
+    regional = tifffile.imread(output / "seams.labels.ome.tif")
+    model, _ = load_model(checkpoint)
+    image = seam_patch().pixels
+    maps = slides.predict_window(image, make_batch_predictor(model, "cpu"), SEGMENT)
+    whole = slides.label_nuclei(maps, InstanceConfig())
+    crossing = straddling_labels(whole, REGION)
+    assert len(crossing) >= 10  # the test means something: nuclei straddle the seams
+    assert regional.max() == whole.max()  # none doubled, none lost
+    best, iou = match_nuclei(whole, regional)
+    assert len(set(best.tolist())) == len(best)  # one-to-one
+    assert iou.min() >= MATCH_IOU, np.sort(iou)[:5]
+    assert iou[np.array(crossing) - 1].min() >= MATCH_IOU  # in particular those across the seams
+
+
+@pytest.mark.ray
+def test_rerun_skips_complete_slides(job, checkpoint, slide_folder):
+    _, output = job
+    before = (output / "seams.labels.ome.tif").stat().st_mtime_ns
+    summary = run_segmentation(
+        checkpoint, str(slide_folder), str(output), SEGMENT, InstanceConfig(), slide=SLIDE_CONFIG
+    )
+    assert summary.skipped == 2 and summary.ok == 0
+    assert (output / "seams.labels.ome.tif").stat().st_mtime_ns == before
+    assert read_manifest(output)["seams.ome.tif"]["nuclei"] == str(
+        summary_of(output, "seams")["nuclei"]
+    )
+
+
+@pytest.mark.ray
+def test_a_failing_region_marks_its_slide_error_and_a_rerun_resumes(
+    ray_local, checkpoint, tmp_path
+):
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    # level-0 tile 2 (rows 0-255, columns 512-767) lies in the window of region (0, 1) but not
+    # of (0, 0); the 2048-px slide's overview comes from level 1, so only that region fails
+    write_sparse_slide(inputs / "damaged.tif", height=2048, corrupt_tile=2)
+    small = generate_sample(np.random.default_rng(6), 80, 80, "he")[0]
+    (inputs / "fine.png").write_bytes(io.encode_png(small))
+    summary = run_segmentation(
+        checkpoint, str(inputs), str(output), SEGMENT, InstanceConfig(), slide=SLIDE_CONFIG
+    )
+    rows = read_manifest(output)
+    assert rows["fine.png"]["status"] == "ok"
+    assert rows["damaged.tif"]["status"] == "error" and summary.exit_code == 1
+    message = rows["damaged.tif"]["message"]
+    assert message.startswith(
+        "regions: 1 done, 46 skipped (background), 1 failed; region r0000_c0001"
+    )
+    assert "damaged.tif" in message and "cannot read" in message
+    first = summary_of(output, "damaged")
+    assert first["status"] == "error" and first["regions_failed"] == 1
+    parts = sorted((output / "damaged.parts").iterdir())
+    assert [part.name for part in parts] == ["r0000_c0000.npz"]
+    assert not (output / "damaged.labels.ome.tif").exists()
+
+    write_sparse_slide(inputs / "damaged.tif", height=2048)  # the file is repaired
+    summary = run_segmentation(
+        checkpoint, str(inputs), str(output), SEGMENT, InstanceConfig(), slide=SLIDE_CONFIG
+    )
+    assert summary.exit_code == 0
+    second = summary_of(output, "damaged")
+    assert second["status"] == "ok"
+    assert second["regions_computed"] == 1 and second["regions_resumed"] == 1
+    assert second["regions_done"] == 2 and second["nuclei"] > 0
+    assert rows["fine.png"]["status"] == "ok"
+
+
+def test_gzipped_geojson_holds_slide_wide_labels(tmp_path):
+    """Above GEOJSON_GZIP_NUCLEI nuclei the GeoJSON is gzipped; labels get the region offset."""
+    from unet_ray import slide_writers
+
+    names = slide_writers.output_names("case", gzipped=True)
+    assert names["geojson"] == "case.geojson.gz"
+    path = str(tmp_path / "x.geojson.gz")
+    plan = slides.SlidePlan(
+        uri="x",
+        stem="x",
+        output_uri=str(tmp_path),
+        frame_height=256,
+        frame_width=256,
+        scale=1.0,
+        mpp=None,
+        region=256,
+        halo=64,
+        spill=32,
+        to_segment=["r0000_c0000"],
+        skipped=[],
+        done=[],
+    )
+    region = plan.regions()[0]
+    kept = np.zeros((256, 256), np.uint32)
+    kept[10:20, 10:20], kept[100:130, 50:60] = 1, 2
+    image = np.zeros((256, 256, 3), np.uint8)
+    io.write_bytes_atomic(
+        slides.part_uri(plan, region.key),
+        slide_writers.encode_region_part(kept, image, region, 1.0),
+    )
+    parts = slide_writers.PartCache(plan)
+    slide_writers.write_geojson(plan, parts, {region.key: 5}, path, gzipped=True)
+    with gzip.open(path, "rt") as stream:
+        features = json.load(stream)["features"]
+    assert [feature["properties"]["measurements"]["label"] for feature in features] == [6, 7]
+    assert features[1]["properties"]["measurements"]["area_pixels"] == 300
+    shutil.rmtree(plan.parts_uri)

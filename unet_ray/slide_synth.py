@@ -1,0 +1,127 @@
+"""Synthetic pyramidal slides (tiled, compressed OME-TIFF) for the slide tests and benchmark.
+
+A slide is a plain background with synthetic H&E tissue patches (``unet_ray.synth``) pasted on
+it; it is written tile by tile, every level from the patches, so a 16k x 16k slide never exists
+in memory as a whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from unet_ray.synth import generate_sample
+
+BACKGROUND = (242, 240, 244)  # glass: bright and nearly unsaturated
+SLIDE_TILE = 256
+PATCH_SIDE = 512  # tissue is drawn in synthetic samples of at most this side
+SMALLEST_LEVEL_SIDE = 512  # levels are halved until the longer side is at most this
+
+
+@dataclass(frozen=True)
+class Patch:
+    top: int
+    left: int
+    pixels: np.ndarray  # H x W x 3 uint8
+
+
+def tissue_patches(
+    boxes: list[tuple[int, int, int, int]], seed: int = 0, style: str = "he"
+) -> list[Patch]:
+    """Synthetic tissue filling each (top, left, height, width) box, in samples of at most
+    ``PATCH_SIDE`` px."""
+    rng = np.random.default_rng(seed)
+    patches = []
+    for top, left, height, width in boxes:
+        for row in range(top, top + height, PATCH_SIDE):
+            for column in range(left, left + width, PATCH_SIDE):
+                side_y = min(PATCH_SIDE, top + height - row)
+                side_x = min(PATCH_SIDE, left + width - column)
+                pixels = generate_sample(rng, side_y, side_x, style)[0]
+                patches.append(Patch(row, column, pixels))
+    return patches
+
+
+def level_patches(patches: list[Patch], factor: int) -> list[Patch]:
+    """The patches of a level ``factor`` times smaller (area averaging)."""
+    import cv2
+
+    if factor == 1:
+        return patches
+    reduced = []
+    for patch in patches:
+        top, left = patch.top // factor, patch.left // factor
+        bottom = -(-(patch.top + patch.pixels.shape[0]) // factor)
+        right = -(-(patch.left + patch.pixels.shape[1]) // factor)
+        pixels = cv2.resize(
+            patch.pixels, (right - left, bottom - top), interpolation=cv2.INTER_AREA
+        )
+        reduced.append(Patch(top, left, pixels))
+    return reduced
+
+
+def render_tile(patches: list[Patch], top: int, left: int, tile: int) -> np.ndarray:
+    out = np.empty((tile, tile, 3), dtype=np.uint8)
+    out[:] = BACKGROUND
+    for patch in patches:
+        height, width = patch.pixels.shape[:2]
+        y0, y1 = max(top, patch.top), min(top + tile, patch.top + height)
+        x0, x1 = max(left, patch.left), min(left + tile, patch.left + width)
+        if y1 > y0 and x1 > x0:
+            out[y0 - top : y1 - top, x0 - left : x1 - left] = patch.pixels[
+                y0 - patch.top : y1 - patch.top, x0 - patch.left : x1 - patch.left
+            ]
+    return out
+
+
+def level_tiles(patches: list[Patch], height: int, width: int, tile: int):
+    for top in range(0, height, tile):
+        for left in range(0, width, tile):
+            yield render_tile(patches, top, left, tile)
+
+
+def write_synthetic_slide(
+    path: str,
+    height: int,
+    width: int,
+    patches: list[Patch],
+    mpp: float | None = 0.5,
+    tile: int = SLIDE_TILE,
+    compression: str = "zlib",
+) -> int:
+    """Write a tiled pyramidal OME-TIFF of ``height x width`` RGB px: background plus
+    ``patches``; levels halve down to ``SMALLEST_LEVEL_SIDE``. Returns the number of levels."""
+    import tifffile
+
+    factors = [1]
+    while max(height, width) // (factors[-1] * 2) >= SMALLEST_LEVEL_SIDE:
+        factors.append(factors[-1] * 2)
+    resolution = {}
+    metadata = {"axes": "YXS"}
+    if mpp:
+        metadata.update(PhysicalSizeX=mpp, PhysicalSizeY=mpp)
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tiff:
+        for index, factor in enumerate(factors):
+            level_height, level_width = -(-height // factor), -(-width // factor)
+            if mpp:
+                resolution = {
+                    "resolution": (1e4 / (mpp * factor), 1e4 / (mpp * factor)),
+                    "resolutionunit": "CENTIMETER",
+                }
+            options = (
+                {"subifds": len(factors) - 1, "metadata": metadata}
+                if index == 0
+                else {"subfiletype": 1}
+            )
+            tiff.write(
+                level_tiles(level_patches(patches, factor), level_height, level_width, tile),
+                shape=(level_height, level_width, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression=compression,
+                **resolution,
+                **options,
+            )
+    return len(factors)

@@ -1,0 +1,1070 @@
+"""Whole-slide images out of core: window reading, resolution, tissue mask, regions, the Ray job.
+
+A *slide* is a pyramidal or tiled TIFF, OME-TIFF, SVS or other ``tiffslide`` format (OpenSlide's
+formats too where ``openslide-python`` and ``openslide-bin`` are installed, extra ``[slides]``)
+larger than one region. ``unet-ray segment`` routes such inputs here; smaller images keep the
+whole-image path of ``unet_ray.segment``.
+
+The driver opens each slide only for its metadata and a low-resolution *overview* (at most
+``OVERVIEW_MAX_SIDE`` px), finds tissue on it (Otsu on saturation) and cuts the slide, in the
+*frame* (the slide at the resolution segmented, ``--mpp``), into ``--region``-sized cores. Each
+core grows by a halo of context into a *window*; every non-background region is one row of a Ray
+Data job, so one slide spreads over all actors and many slides interleave. An actor reads its
+window (the pyramid level just finer than the frame, resampled), tiles and infers it as the
+whole-image path does, labels the nuclei and keeps those whose centroid lies in its core: each
+nucleus belongs to exactly one region, and is whole when the halo is at least the largest nucleus
+plus the network's context (``halo - overlap`` px across is guaranteed). The kept nuclei (which
+may reach up to ``halo - overlap`` px beyond the core, the *spill*) are written as one region part;
+when every region of a slide is done, ``unet_ray.slide_writers`` assembles the outputs part by
+part. No process holds a slide, its probability map or its labels at full resolution: an actor
+holds one window, the assembler one region-sized block.
+
+Resume: a region whose part exists is not recomputed; a slide whose ``<stem>.slide.json`` says
+``ok`` is skipped. A region that fails ``REGION_ATTEMPTS`` times is recorded and its slide marked
+``error`` (its parts stay, so a rerun computes only what is missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import resource
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from unet_ray import io
+from unet_ray.config import InstanceConfig, SegmentConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REGION = 4096  # region (core) side in frame pixels
+DEFAULT_HALO = 128  # context read around each core: nuclei up to halo - overlap px are whole
+LABEL_TILE = 256  # OME-TIFF tile side of the labels; regions are multiples of it
+OVERVIEW_MAX_SIDE = 1024  # longest side of the low-resolution overview (tissue mask, overlay)
+OVERVIEW_BLOCK = 4096  # level pixels read at a time when the overview comes from a big level
+TISSUE_MIN_SATURATION = 0.05  # below this (HSV S in 0..1) a pixel is never tissue
+TISSUE_DILATION = 2  # overview pixels the tissue mask grows by (edges of small fragments)
+TISSUE_SMOOTHING = 5  # median filter side on the saturation before Otsu (pen dust, noise)
+MPP_MISMATCH_RATIO = 1.5  # warn when segmenting this much finer/coarser than the model learnt
+LEVEL_TOLERANCE = 1.01  # a level up to 1 % coarser than the frame is still read (rounding)
+REGION_ATTEMPTS = 2  # a region is tried this often in its actor before it is recorded failed
+READER_CACHE = 2  # open slides kept per actor (regions of one slide usually arrive together)
+TASKS_IN_FLIGHT_PER_ACTOR = 2
+TASK_RETRIES = 2  # Ray retries of a region whose actor died
+OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
+TIFF_SUFFIXES = (".tif", ".tiff")
+SLIDE_SUFFIXES = OPENSLIDE_SUFFIXES  # listed as inputs besides io.IMAGE_SUFFIXES
+PARTS_SUFFIX = ".parts"  # <stem>.parts/: one file per finished region
+SUMMARY_SUFFIX = ".slide.json"
+STATUS_OK, STATUS_ERROR, STATUS_SKIPPED = "ok", "error", "skipped"
+RESULT_COLUMNS = (
+    "slide",
+    "region",
+    "status",
+    "message",
+    "nuclei",
+    "cut",
+    "read_s",
+    "infer_s",
+    "post_s",
+    "write_s",
+    "peak_rss_mb",
+    "actor",
+)
+TIMING_KEYS = ("read_s", "infer_s", "post_s", "write_s")
+
+
+class SlideError(ValueError):
+    """A slide cannot be segmented as asked; the message names the slide and the problem."""
+
+
+@dataclass
+class SlideConfig:
+    region: int = DEFAULT_REGION  # region side (frame pixels), a multiple of LABEL_TILE
+    halo: int = DEFAULT_HALO  # context around each region (pixels); must exceed the tile overlap
+    mpp: float | None = None  # microns per pixel to segment at; None: the slide's own
+    tissue_mask: bool = True  # skip regions without tissue (Otsu on saturation)
+
+
+def check_slide_config(slide: SlideConfig, segment: SegmentConfig) -> None:
+    """Raise ValueError, with the fix, for region geometry no slide can use."""
+    if slide.region < LABEL_TILE or slide.region % LABEL_TILE:
+        nearest = max(LABEL_TILE, round(slide.region / LABEL_TILE) * LABEL_TILE)
+        raise ValueError(
+            f"--region {slide.region} must be a multiple of {LABEL_TILE}; try {nearest}"
+        )
+    if slide.halo <= segment.overlap:
+        raise ValueError(
+            f"--halo {slide.halo} must exceed the tile overlap ({segment.overlap}): nuclei up to "
+            "halo - overlap px across are kept whole; try 128"
+        )
+    if slide.mpp is not None and slide.mpp <= 0:
+        raise ValueError(f"--mpp {slide.mpp} must be positive (microns per pixel)")
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class Box:
+    """Rows [top, bottom) and columns [left, right) of the frame."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+    @property
+    def height(self) -> int:
+        return self.bottom - self.top
+
+    @property
+    def width(self) -> int:
+        return self.right - self.left
+
+    @property
+    def is_empty(self) -> bool:
+        return self.height <= 0 or self.width <= 0
+
+    def grow(self, margin: int, height: int, width: int) -> Box:
+        """This box grown by ``margin`` on each side, clipped to a ``height x width`` frame."""
+        return Box(
+            max(0, self.top - margin),
+            min(height, self.bottom + margin),
+            max(0, self.left - margin),
+            min(width, self.right + margin),
+        )
+
+    def intersect(self, other: Box) -> Box:
+        return Box(
+            max(self.top, other.top),
+            min(self.bottom, other.bottom),
+            max(self.left, other.left),
+            min(self.right, other.right),
+        )
+
+    def within(self, outer: Box) -> tuple[slice, slice]:
+        """Where this box lies in an array covering ``outer``."""
+        return (
+            slice(self.top - outer.top, self.bottom - outer.top),
+            slice(self.left - outer.left, self.right - outer.left),
+        )
+
+
+@dataclass(frozen=True)
+class Region:
+    row: int
+    column: int
+    core: Box  # the pixels this region owns (the cores partition the frame)
+    window: Box  # core + halo: what is read and segmented
+    spill: Box  # core + (halo - overlap): where the nuclei it owns may reach
+
+    @property
+    def key(self) -> str:
+        return f"r{self.row:04d}_c{self.column:04d}"
+
+
+def plan_regions(height: int, width: int, region: int, halo: int, spill: int) -> list[Region]:
+    """Row-major regions of a ``height x width`` frame: ``region``-sided cores (the last row and
+    column shorter) with their windows (``halo``) and spill boxes (``spill``), clipped."""
+    regions = []
+    for row, top in enumerate(range(0, height, region)):
+        for column, left in enumerate(range(0, width, region)):
+            core = Box(top, min(height, top + region), left, min(width, left + region))
+            regions.append(
+                Region(
+                    row,
+                    column,
+                    core,
+                    core.grow(halo, height, width),
+                    core.grow(spill, height, width),
+                )
+            )
+    return regions
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class SlideReader:
+    """Windows of a slide (``tiffslide``, or OpenSlide for the formats only it reads).
+
+    Local paths and ``s3://`` URIs (through fsspec/s3fs, ``AWS_ENDPOINT_URL`` honoured); pixels
+    come back as RGB uint8 arrays (grayscale repeated, alpha dropped)."""
+
+    def __init__(self, uri: str):
+        self.uri = str(uri)
+        self._file = None
+        self._slide = open_slide_backend(self.uri, self)
+        self.level_dimensions = [tuple(size) for size in self._slide.level_dimensions]
+        self.level_downsamples = [float(factor) for factor in self._slide.level_downsamples]
+        self.width, self.height = self.level_dimensions[0]
+        self.mpp = slide_mpp(self._slide.properties)
+
+    def read(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
+        """``height x width`` RGB pixels of ``level`` whose top-left corner is (``left``, ``top``)
+        in level-0 pixels; outside the slide is padded (tiffslide: zeros)."""
+        try:
+            pixels = self._slide.read_region((left, top), level, (width, height), as_array=True)
+        except TypeError:  # OpenSlide: a PIL image, RGBA
+            pixels = np.asarray(self._slide.read_region((left, top), level, (width, height)))
+        except Exception as error:
+            raise io.ImageReadError(
+                f"{self.uri}: cannot read the {width}x{height} window at ({left}, {top}) of level "
+                f"{level}: {type(error).__name__}: {error}"
+            ) from error
+        return to_rgb(np.asarray(pixels), self.uri)
+
+    def close(self) -> None:
+        self._slide.close()
+        if self._file is not None:
+            self._file.close()
+
+
+def open_slide_backend(uri: str, reader: SlideReader):
+    """A ``tiffslide.TiffSlide`` (any source), else an ``openslide.OpenSlide`` (local files)."""
+    import tiffslide
+
+    try:
+        if io.is_s3(uri):
+            filesystem, path = io.fsspec_filesystem(uri)
+            reader._file = filesystem.open(path, "rb")
+            return tiffslide.TiffSlide(reader._file)
+        return tiffslide.TiffSlide(io._local_path(uri))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{uri}: no such file") from error
+    except Exception as tiff_error:
+        if reader._file is not None:
+            reader._file.close()
+            reader._file = None
+        try:
+            import openslide
+        except ImportError:
+            raise io.ImageReadError(
+                f"{uri}: not a slide tiffslide can read ({type(tiff_error).__name__}: "
+                f"{tiff_error}); for other formats install the extra: pip install "
+                "'unet_ray[slides]' (openslide-python, openslide-bin)"
+            ) from tiff_error
+        if io.is_s3(uri):
+            raise io.ImageReadError(
+                f"{uri}: tiffslide cannot read it ({tiff_error}) and OpenSlide reads local files "
+                "only: copy the slide to a local disk"
+            ) from tiff_error
+        try:
+            return openslide.OpenSlide(io._local_path(uri))
+        except Exception as error:
+            raise io.ImageReadError(
+                f"{uri}: neither tiffslide ({tiff_error}) nor OpenSlide ({error}) can read it"
+            ) from error
+
+
+def slide_mpp(properties) -> float | None:
+    """Microns per pixel of level 0 (the mean of x and y) when the file says, else None."""
+    values = []
+    for key in ("tiffslide.mpp-x", "tiffslide.mpp-y", "openslide.mpp-x", "openslide.mpp-y"):
+        try:
+            value = float(properties.get(key) or 0)
+        except (TypeError, ValueError):
+            continue
+        if value > 0:
+            values.append(value)
+    return float(np.mean(values)) if values else None
+
+
+def to_rgb(pixels: np.ndarray, uri: str) -> np.ndarray:
+    """H x W x 3 uint8 from what a slide backend returns (gray, RGBA, 8-bit)."""
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    elif pixels.shape[2] == 4:
+        pixels = pixels[:, :, :3]
+    if pixels.shape[2] != 3:
+        raise io.ImageReadError(f"{uri}: {pixels.shape[2]} channels per pixel are unsupported")
+    if pixels.dtype != np.uint8:
+        raise io.ImageReadError(
+            f"{uri}: {pixels.dtype} pixels; whole-slide reading supports 8-bit slides "
+            "(brightfield RGB or grayscale): convert it or export a smaller image"
+        )
+    return np.ascontiguousarray(pixels)
+
+
+def best_level(downsamples: list[float], scale: float) -> int:
+    """The coarsest pyramid level no coarser than ``scale`` (level pixels per frame pixel)."""
+    candidates = [
+        index for index, factor in enumerate(downsamples) if factor <= scale * LEVEL_TOLERANCE
+    ]
+    return max(candidates, key=lambda index: downsamples[index]) if candidates else 0
+
+
+def read_frame_window(reader: SlideReader, box: Box, scale: float) -> np.ndarray:
+    """The frame's pixels in ``box`` (RGB uint8), where one frame pixel is ``scale`` level-0
+    pixels: the best level is read and, unless it matches the frame, resampled (bilinear)."""
+    import cv2
+
+    level = best_level(reader.level_downsamples, scale)
+    downsample = reader.level_downsamples[level]
+    ratio = scale / downsample  # level pixels per frame pixel, in [1, 2) unless upsampling
+    if abs(ratio - 1.0) < 1e-9:
+        left, top = round(box.left * scale), round(box.top * scale)
+        return reader.read(level, left, top, box.width, box.height)
+    first_x, first_y = box.left * ratio, box.top * ratio  # in level pixels
+    left, top = math.floor(first_x), math.floor(first_y)
+    width = math.ceil((box.right) * ratio) - left + 1
+    height = math.ceil((box.bottom) * ratio) - top + 1
+    level_width, level_height = reader.level_dimensions[level]
+    width, height = min(width, level_width - left), min(height, level_height - top)
+    source = reader.read(level, round(left * downsample), round(top * downsample), width, height)
+    # frame pixel centre (c + 0.5) sits at level coordinate (c + 0.5) * ratio
+    transform = np.array(
+        [
+            [ratio, 0.0, first_x - left + 0.5 * ratio - 0.5],
+            [0.0, ratio, first_y - top + 0.5 * ratio - 0.5],
+        ]
+    )
+    return cv2.warpAffine(
+        source,
+        transform,
+        (box.width, box.height),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+
+
+def read_overview(reader: SlideReader, height: int, width: int) -> np.ndarray:
+    """The whole slide as a ``height x width`` RGB image (area-averaged), read block by block
+    from the coarsest level that is still at least as fine, so no large level is held whole."""
+    import cv2
+
+    scale = min(reader.width / width, reader.height / height)
+    level = best_level(reader.level_downsamples, scale)
+    downsample = reader.level_downsamples[level]
+    level_width, level_height = reader.level_dimensions[level]
+    overview = np.zeros((height, width, 3), dtype=np.uint8)
+    step_y, step_x = height / level_height, width / level_width  # overview px per level px
+    for top in range(0, level_height, OVERVIEW_BLOCK):
+        for left in range(0, level_width, OVERVIEW_BLOCK):
+            bottom = min(level_height, top + OVERVIEW_BLOCK)
+            right = min(level_width, left + OVERVIEW_BLOCK)
+            out_top, out_bottom = round(top * step_y), round(bottom * step_y)
+            out_left, out_right = round(left * step_x), round(right * step_x)
+            if out_bottom <= out_top or out_right <= out_left:
+                continue
+            block = reader.read(
+                level, round(left * downsample), round(top * downsample), right - left, bottom - top
+            )
+            overview[out_top:out_bottom, out_left:out_right] = cv2.resize(
+                block, (out_right - out_left, out_bottom - out_top), interpolation=cv2.INTER_AREA
+            )
+    return overview
+
+
+def overview_shape(height: int, width: int, max_side: int = OVERVIEW_MAX_SIDE) -> tuple[int, int]:
+    """An overview of at most ``max_side`` px on its longer side (never larger than the frame)."""
+    factor = max(1.0, max(height, width) / max_side)
+    return max(1, round(height / factor)), max(1, round(width / factor))
+
+
+# ----------------------------------------------------------------------------- tissue
+
+
+def tissue_mask(overview: np.ndarray) -> np.ndarray | None:
+    """Tissue pixels of an RGB overview: saturation above its Otsu threshold (and above
+    ``TISSUE_MIN_SATURATION``), slightly grown. None when the slide has no colour contrast
+    (grayscale or fluorescence): then nothing can be told apart and nothing is skipped."""
+    import cv2
+    from skimage.filters import threshold_otsu
+
+    hsv = cv2.cvtColor(overview, cv2.COLOR_RGB2HSV)
+    saturation = cv2.medianBlur(hsv[:, :, 1], TISSUE_SMOOTHING).astype(np.float32) / 255.0
+    if saturation.max() < TISSUE_MIN_SATURATION or saturation.min() == saturation.max():
+        return None
+    threshold = max(float(threshold_otsu(saturation)), TISSUE_MIN_SATURATION)
+    mask = (saturation > threshold).astype(np.uint8)
+    kernel = np.ones((2 * TISSUE_DILATION + 1,) * 2, dtype=np.uint8)
+    return cv2.dilate(mask, kernel).astype(bool)
+
+
+def region_has_tissue(mask: np.ndarray, core: Box, frame_height: int, frame_width: int) -> bool:
+    """Whether the overview ``mask`` shows tissue inside ``core`` (frame coordinates)."""
+    scale_y, scale_x = mask.shape[0] / frame_height, mask.shape[1] / frame_width
+    top, left = math.floor(core.top * scale_y), math.floor(core.left * scale_x)
+    bottom = max(top + 1, math.ceil(core.bottom * scale_y))
+    right = max(left + 1, math.ceil(core.right * scale_x))
+    return bool(mask[top:bottom, left:right].any())
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def predict_window(
+    image: np.ndarray, predict_batch: Callable[[np.ndarray], np.ndarray], segment: SegmentConfig
+) -> np.ndarray:
+    """Nucleus probabilities of one window: the whole-image path's tiling and model call (the
+    one place this module calls the model)."""
+    from unet_ray.segment import plan_image, sigmoid_in_place
+    from unet_ray.tiling import predict_tiled
+
+    plan = plan_image(image.shape[0], image.shape[1], segment)
+    return sigmoid_in_place(predict_tiled(image, plan, predict_batch, segment.batch_size))
+
+
+def label_nuclei(probabilities: np.ndarray, instances: InstanceConfig) -> np.ndarray:
+    """Instance labels of one window from ``predict_window``'s maps (H x W, or C x H x W with
+    channel 0 the nucleus): the one place this module calls post-processing."""
+    from unet_ray import segment
+
+    if hasattr(segment, "labels_from_maps"):  # two-channel heads (issue 13)
+        maps = probabilities if probabilities.ndim == 3 else probabilities[None]
+        return segment.labels_from_maps(maps, instances)
+    from unet_ray.instances import labels_from_probabilities
+
+    nucleus = probabilities if probabilities.ndim == 2 else probabilities[0]
+    return labels_from_probabilities(
+        nucleus, instances.threshold, instances.min_size, instances.min_distance
+    )
+
+
+def centroids(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) centroid of labels 1..count in pixel-centre coordinates (index + 0.5),
+    summed band by band so no coordinate grid of the window's size is built."""
+    sums_y = np.zeros(count + 1)
+    sums_x = np.zeros(count + 1)
+    areas = np.zeros(count + 1)
+    columns = np.arange(labels.shape[1], dtype=np.float64)
+    band = 256
+    for start in range(0, labels.shape[0], band):
+        rows = labels[start : start + band]
+        flat = rows.ravel()
+        areas += np.bincount(flat, minlength=count + 1)
+        row_index = np.repeat(
+            np.arange(start, start + rows.shape[0], dtype=np.float64), rows.shape[1]
+        )
+        sums_y += np.bincount(flat, weights=row_index, minlength=count + 1)
+        sums_x += np.bincount(flat, weights=np.tile(columns, rows.shape[0]), minlength=count + 1)
+    areas[0] = 1
+    return sums_y / areas + 0.5, sums_x / areas + 0.5
+
+
+def keep_owned_nuclei(
+    labels: np.ndarray, region: Region, frame_height: int, frame_width: int
+) -> tuple[np.ndarray, int]:
+    """The nuclei whose centroid lies in ``region.core``, relabelled 1..K, on the spill box;
+    and how many of them reach past it (cut: the halo was smaller than that nucleus)."""
+    count = int(labels.max()) if labels.size else 0
+    spill_slices = region.spill.within(region.window)
+    if count == 0:
+        return np.zeros((region.spill.height, region.spill.width), dtype=np.uint32), 0
+    centre_y, centre_x = centroids(labels, count)
+    centre_y += region.window.top
+    centre_x += region.window.left
+    core = region.core
+    owned = (centre_y >= core.top) & (centre_y < core.bottom)
+    owned &= (centre_x >= core.left) & (centre_x < core.right)
+    owned[0] = False
+    lookup = np.zeros(count + 1, dtype=np.uint32)
+    lookup[owned] = np.arange(1, int(owned.sum()) + 1, dtype=np.uint32)
+    kept = lookup[labels[spill_slices]]
+    outside = np.ones(labels.shape, dtype=bool)
+    outside[spill_slices] = False
+    cut = len(np.unique(lookup[labels[outside]])) - 1 if outside.any() else 0
+    return kept, max(0, cut)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------- one region
+
+
+@dataclass
+class SlidePlan:
+    """What the driver decided about one slide; travels to the actors as JSON."""
+
+    uri: str
+    stem: str
+    output_uri: str
+    frame_height: int
+    frame_width: int
+    scale: float  # level-0 pixels per frame pixel
+    mpp: float | None  # microns per frame pixel, when known
+    region: int
+    halo: int
+    spill: int
+    to_segment: list[str]  # region keys with tissue
+    skipped: list[str]  # region keys without tissue
+    done: list[str]  # region keys whose part already exists (resume)
+
+    def regions(self) -> list[Region]:
+        return plan_regions(self.frame_height, self.frame_width, self.region, self.halo, self.spill)
+
+    def region_by_key(self) -> dict[str, Region]:
+        return {region.key: region for region in self.regions()}
+
+    @property
+    def parts_uri(self) -> str:
+        return io.join_uri(self.output_uri, self.stem + PARTS_SUFFIX)
+
+
+def part_uri(plan: SlidePlan, key: str) -> str:
+    return io.join_uri(plan.parts_uri, f"{key}.npz")
+
+
+def segment_region(
+    plan: SlidePlan,
+    region: Region,
+    reader: SlideReader,
+    predict_batch: Callable[[np.ndarray], np.ndarray],
+    segment: SegmentConfig,
+    instances: InstanceConfig,
+) -> dict[str, Any]:
+    """Read, infer, label and write the part of one region; its result row (without actor)."""
+    from unet_ray.slide_writers import encode_region_part
+
+    started = time.perf_counter()
+    image = read_frame_window(reader, region.window, plan.scale)
+    read_done = time.perf_counter()
+    probabilities = predict_window(image, predict_batch, segment)
+    infer_done = time.perf_counter()
+    labels = label_nuclei(probabilities, instances)
+    del probabilities
+    kept, cut = keep_owned_nuclei(labels, region, plan.frame_height, plan.frame_width)
+    del labels
+    spill_image = image[region.spill.within(region.window)]
+    part = encode_region_part(kept, spill_image, region, plan.scale)
+    post_done = time.perf_counter()
+    io.write_bytes_atomic(part_uri(plan, region.key), part)
+    nuclei = int(kept.max()) if kept.size else 0
+    return {
+        "slide": plan.uri,
+        "region": region.key,
+        "status": STATUS_OK,
+        "message": "",
+        "nuclei": nuclei,
+        "cut": int(cut),
+        "read_s": read_done - started,
+        "infer_s": infer_done - read_done,
+        "post_s": post_done - infer_done,
+        "write_s": time.perf_counter() - post_done,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def failed_region_row(plan_uri: str, key: str, message: str) -> dict[str, Any]:
+    row = {column: 0 for column in RESULT_COLUMNS}
+    row.update(slide=plan_uri, region=key, status=STATUS_ERROR, message=message, actor="")
+    return row
+
+
+class SlideRegionActor:
+    """A Ray Data actor: one model; each call segments a batch of regions (JSON tasks)."""
+
+    def __init__(
+        self, checkpoint: str, segment: dict[str, Any], instances: dict[str, Any], threads: int = 1
+    ):
+        import torch
+
+        from unet_ray.checkpoint import load_model
+        from unet_ray.segment import make_batch_predictor, select_device
+
+        self.segment = SegmentConfig(**segment)
+        self.instances = InstanceConfig(**instances)
+        self.device = select_device(self.segment.use_gpu)
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+        model, _ = load_model(checkpoint, device=self.device)
+        self.predict_batch = make_batch_predictor(model, self.device)
+        self.readers: dict[str, SlideReader] = {}
+        self.actor = f"{os.uname().nodename}:{os.getpid()}"
+
+    def reader(self, uri: str) -> SlideReader:
+        if uri not in self.readers:
+            while len(self.readers) >= READER_CACHE:
+                self.readers.pop(next(iter(self.readers))).close()
+            self.readers[uri] = SlideReader(uri)
+        return self.readers[uri]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [self.run_task(json.loads(str(task))) for task in batch["task"]]
+        return {column: np.array([row[column] for row in rows]) for column in RESULT_COLUMNS}
+
+    def run_task(self, task: dict[str, Any]) -> dict[str, Any]:
+        """Segment one region, retried ``REGION_ATTEMPTS`` times; a failure becomes a row."""
+        plan = SlidePlan(**task["plan"])
+        region = plan.region_by_key()[task["region"]]
+        message = ""
+        for attempt in range(1, REGION_ATTEMPTS + 1):
+            try:
+                row = segment_region(
+                    plan,
+                    region,
+                    self.reader(plan.uri),
+                    self.predict_batch,
+                    self.segment,
+                    self.instances,
+                )
+                row["actor"] = self.actor
+                return row
+            except Exception as error:  # one bad region must never abort the dataset
+                from unet_ray.segment import describe_error
+
+                message = describe_error(error)
+                logger.warning(
+                    "%s region %s failed (attempt %d/%d): %s",
+                    plan.uri,
+                    region.key,
+                    attempt,
+                    REGION_ATTEMPTS,
+                    message,
+                )
+                self.readers.pop(plan.uri, None)  # reopen: the file may have been replaced
+        row = failed_region_row(plan.uri, region.key, message)
+        row["actor"] = self.actor
+        row["peak_rss_mb"] = peak_rss_mb()
+        return row
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def stem_of(uri: str) -> str:
+    """The slide's name without its suffix, OME's included: ``s3://b/case.ome.tif`` -> ``case``."""
+    from unet_ray.segment import image_stem
+
+    stem = image_stem(uri)
+    return stem[: -len(".ome")] if stem.lower().endswith(".ome") else stem
+
+
+def is_slide(uri: str, region: int) -> bool:
+    """Whether an input goes the slide path: an OpenSlide-format suffix, or a TIFF with a side
+    longer than one region (read by window, tiled or not). Unreadable TIFFs go the image path,
+    whose error row names the problem."""
+    name = PurePosixPath(str(uri)).name.lower()
+    if name.endswith(OPENSLIDE_SUFFIXES):
+        return True
+    if not name.endswith(TIFF_SUFFIXES):
+        return False
+    import tifffile
+
+    filesystem, path = io.fsspec_filesystem(uri)
+    try:
+        with filesystem.open(path, "rb") as handle, tifffile.TiffFile(handle) as tiff:
+            page = tiff.series[0].levels[0] if tiff.series else tiff.pages[0]
+            shape = page.shape
+            axes = getattr(page, "axes", "YX")
+    except Exception:
+        return False
+    sides = [size for axis, size in zip(axes, shape, strict=False) if axis in "YX"]
+    return bool(sides) and max(sides) > region
+
+
+def output_file_names(stem: str) -> list[str]:
+    from unet_ray.slide_writers import output_names
+
+    return list(output_names(stem).values())
+
+
+def is_own_output(uri: str) -> bool:
+    """Our slide outputs (labels OME-TIFF) are never inputs of a later run."""
+    from unet_ray.slide_writers import LABELS_SUFFIX
+
+    return PurePosixPath(str(uri)).name.endswith(LABELS_SUFFIX)
+
+
+def read_summary(output_uri: str, stem: str) -> dict[str, Any] | None:
+    uri = io.join_uri(output_uri, stem + SUMMARY_SUFFIX)
+    if not io.exists(uri):
+        return None
+    try:
+        return json.loads(io.read_bytes(uri))
+    except (OSError, ValueError):
+        return None
+
+
+def frame_geometry(reader: SlideReader, slide: SlideConfig, uri: str) -> tuple[float, float | None]:
+    """(level-0 pixels per frame pixel, microns per frame pixel) for ``--mpp``."""
+    if slide.mpp is None:
+        return 1.0, reader.mpp
+    if reader.mpp is None:
+        raise SlideError(
+            f"{uri}: --mpp {slide.mpp} asked, but the slide does not say its own resolution "
+            "(no microns-per-pixel in its metadata); leave --mpp out to segment it as it is"
+        )
+    return slide.mpp / reader.mpp, slide.mpp
+
+
+def warn_mpp_mismatch(uri: str, mpp: float | None, training_mpp: float | None) -> None:
+    if mpp is None or training_mpp is None:
+        return
+    ratio = max(mpp, training_mpp) / min(mpp, training_mpp)
+    if ratio >= MPP_MISMATCH_RATIO:
+        logger.warning(
+            "%s is segmented at %.3g um/px but the model was trained at %.3g um/px (%.1fx): "
+            "nuclei look %s to it; pass --mpp %.3g to resample",
+            uri,
+            mpp,
+            training_mpp,
+            ratio,
+            "larger" if mpp < training_mpp else "smaller",
+            training_mpp,
+        )
+
+
+def training_mpp(checkpoint_info: dict[str, Any]) -> float | None:
+    """The model's training resolution when its checkpoint records one (``data.mpp``)."""
+    value = checkpoint_info.get("config", {}).get("data", {}).get("mpp")
+    try:
+        return float(value) if value else None
+    except (TypeError, ValueError):
+        return None
+
+
+def existing_parts(plan_parts_uri: str) -> set[str]:
+    return {
+        PurePosixPath(uri).name[: -len(".npz")] for uri in io.list_files(plan_parts_uri, (".npz",))
+    }
+
+
+def plan_slide(
+    uri: str,
+    output_uri: str,
+    slide: SlideConfig,
+    segment: SegmentConfig,
+    model_mpp: float | None = None,
+) -> SlidePlan:
+    """Open one slide for its metadata and overview; its regions, tissue and finished parts."""
+    reader = SlideReader(uri)
+    try:
+        scale, mpp = frame_geometry(reader, slide, uri)
+        warn_mpp_mismatch(uri, mpp, model_mpp)
+        frame_height = max(1, math.floor(reader.height / scale))
+        frame_width = max(1, math.floor(reader.width / scale))
+        regions = plan_regions(
+            frame_height, frame_width, slide.region, slide.halo, slide.halo - segment.overlap
+        )
+        mask = None
+        if slide.tissue_mask:
+            overview = read_overview(reader, *overview_shape(frame_height, frame_width))
+            mask = tissue_mask(overview)
+            if mask is None:
+                logger.warning("%s: no colour contrast for a tissue mask; no region skipped", uri)
+    finally:
+        reader.close()
+    stem = stem_of(uri)
+    with_tissue = [
+        region.key
+        for region in regions
+        if mask is None or region_has_tissue(mask, region.core, frame_height, frame_width)
+    ]
+    plan = SlidePlan(
+        uri=str(uri),
+        stem=stem,
+        output_uri=output_uri,
+        frame_height=frame_height,
+        frame_width=frame_width,
+        scale=scale,
+        mpp=mpp,
+        region=slide.region,
+        halo=slide.halo,
+        spill=slide.halo - segment.overlap,
+        to_segment=with_tissue,
+        skipped=[region.key for region in regions if region.key not in set(with_tissue)],
+        done=[],
+    )
+    finished = existing_parts(plan.parts_uri) if not segment.overwrite else set()
+    plan.done = [key for key in with_tissue if key in finished]
+    return plan
+
+
+def region_tasks(plans: list[SlidePlan]) -> list[dict[str, str]]:
+    """One row per region still to segment; slides interleave so all of them progress."""
+    queues = [[key for key in plan.to_segment if key not in set(plan.done)] for plan in plans]
+    rows = []
+    for index in range(max((len(queue) for queue in queues), default=0)):
+        for plan, queue in zip(plans, queues, strict=True):
+            if index < len(queue):
+                task = {"plan": dataclasses.asdict(plan), "region": queue[index]}
+                rows.append({"task": json.dumps(task)})
+    return rows
+
+
+def build_region_dataset(
+    checkpoint: str,
+    tasks: list[dict[str, str]],
+    segment: SegmentConfig,
+    instances: InstanceConfig,
+    cpus_per_worker: int,
+):
+    import ray
+
+    items = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return items.map_batches(
+            SlideRegionActor,
+            fn_constructor_kwargs={
+                "checkpoint": checkpoint,
+                "segment": dataclasses.asdict(segment),
+                "instances": dataclasses.asdict(instances),
+                "threads": cpus_per_worker,
+            },
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(
+                size=min(segment.workers, len(tasks)),
+                max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR,
+            ),
+            num_cpus=cpus_per_worker,
+            num_gpus=1 if segment.use_gpu else 0,
+            max_task_retries=TASK_RETRIES,
+        )
+
+
+def run_region_job(
+    checkpoint: str,
+    plans: list[SlidePlan],
+    segment: SegmentConfig,
+    instances: InstanceConfig,
+    cpus_per_worker: int,
+    on_slide_done: Callable[[SlidePlan, list[dict[str, Any]]], None],
+) -> None:
+    """Segment every pending region of ``plans`` on the actor pool; call ``on_slide_done(plan,
+    its result rows)`` as soon as the last region of a slide reports (rows of this run only)."""
+    from unet_ray.segment import job_data_context, one_line
+
+    tasks = region_tasks(plans)
+    by_uri = {plan.uri: plan for plan in plans}
+    pending = {plan.uri: len(plan.to_segment) - len(plan.done) for plan in plans}
+    results: dict[str, list[dict[str, Any]]] = {plan.uri: [] for plan in plans}
+    for plan in plans:
+        if pending[plan.uri] == 0:
+            on_slide_done(plan, [])
+    if not tasks:
+        return
+    stopped = ""
+    with job_data_context():
+        dataset = build_region_dataset(checkpoint, tasks, segment, instances, cpus_per_worker)
+        try:
+            for row in dataset.iter_rows():
+                row = {column: row[column] for column in RESULT_COLUMNS}
+                uri = str(row["slide"])
+                results[uri].append(row)
+                pending[uri] -= 1
+                logger.info(
+                    "slide %s region %s: %s %s",
+                    uri,
+                    row["region"],
+                    row["status"],
+                    row["message"] or f"({row['nuclei']} nuclei)",
+                )
+                if pending[uri] == 0:
+                    on_slide_done(by_uri[uri], results[uri])
+        except Exception as error:  # the pool broke: the regions not reported are failures
+            logger.error("the slide region dataset stopped: %s", error)
+            stopped = f"the job stopped ({one_line(error)})"
+    for uri, count in pending.items():
+        if count > 0:
+            plan = by_uri[uri]
+            reported = {str(row["region"]) for row in results[uri]}
+            missing = [
+                key for key in plan.to_segment if key not in set(plan.done) and key not in reported
+            ]
+            message = stopped or "its actor died (out of memory?) on every try"
+            results[uri] += [failed_region_row(uri, key, message) for key in missing]
+            on_slide_done(plan, results[uri])
+
+
+def summarise_regions(plan: SlidePlan, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts, failures, time split and per-actor peak memory of one slide's run."""
+    failed = [row for row in rows if row["status"] != STATUS_OK]
+    computed = [row for row in rows if row["status"] == STATUS_OK]
+    peaks: dict[str, float] = {}
+    for row in rows:
+        if row["actor"]:
+            peaks[str(row["actor"])] = max(
+                peaks.get(str(row["actor"]), 0.0), float(row["peak_rss_mb"])
+            )
+    return {
+        "regions": len(plan.to_segment) + len(plan.skipped),
+        "regions_done": len(plan.to_segment) - len(failed),
+        "regions_computed": len(computed),
+        "regions_resumed": len(plan.done),
+        "regions_skipped": len(plan.skipped),
+        "regions_failed": len(failed),
+        "failures": {str(row["region"]): str(row["message"]) for row in failed},
+        "nuclei_cut_by_halo": int(sum(int(row["cut"]) for row in computed)),
+        "seconds": {key: round(sum(float(row[key]) for row in computed), 3) for key in TIMING_KEYS},
+        "peak_rss_mb_by_actor": {actor: round(peak, 1) for actor, peak in peaks.items()},
+    }
+
+
+def regions_message(summary: dict[str, Any]) -> str:
+    message = (
+        f"regions: {summary['regions_done']} done, {summary['regions_skipped']} skipped "
+        f"(background), {summary['regions_failed']} failed"
+    )
+    if summary["failures"]:
+        key, reason = next(iter(summary["failures"].items()))
+        message += f"; region {key}: {reason}"
+    return message
+
+
+def assemble_remote(plan_dict: dict[str, Any], summary: dict[str, Any]) -> int:
+    """Assemble one slide's outputs from its parts (run as a Ray task); its nuclei count."""
+    from unet_ray.slide_writers import assemble_slide
+
+    return assemble_slide(SlidePlan(**plan_dict), summary)
+
+
+def segment_slides(
+    checkpoint: str,
+    uris: list[str],
+    output_uri: str,
+    segment: SegmentConfig,
+    instances: InstanceConfig,
+    slide: SlideConfig,
+    cpus_per_worker: int,
+) -> list[dict[str, Any]]:
+    """Segment whole slides region by region on Ray; one manifest row per slide.
+
+    Needs a running Ray. Slides whose summary says ``ok`` are skipped unless
+    ``segment.overwrite``; a slide that cannot be opened or planned, or any of whose regions
+    failed, is an ``error`` row (its finished parts stay for the rerun)."""
+    import ray
+
+    from unet_ray.checkpoint import read_checkpoint_info
+    from unet_ray.segment import describe_error, manifest_row
+
+    check_slide_config(slide, segment)
+    model_mpp = training_mpp(read_checkpoint_info(checkpoint))
+    rows: list[dict[str, Any]] = []
+    plans: list[SlidePlan] = []
+    started: dict[str, float] = {}
+    for uri in uris:
+        started[uri] = time.perf_counter()
+        previous = None if segment.overwrite else read_summary(output_uri, stem_of(uri))
+        if previous and previous.get("status") == STATUS_OK:
+            rows.append(
+                manifest_row(uri, STATUS_SKIPPED, "outputs complete", previous.get("nuclei", ""))
+            )
+            continue
+        try:
+            plans.append(plan_slide(uri, output_uri, slide, segment, model_mpp))
+        except Exception as error:
+            logger.warning("cannot plan slide %s: %s", uri, error)
+            rows.append(manifest_row(uri, STATUS_ERROR, describe_error(error)))
+    assemble = ray.remote(num_cpus=1, max_retries=1)(assemble_remote)
+    assembling: list[tuple[SlidePlan, dict[str, Any], Any]] = []
+
+    def on_slide_done(plan: SlidePlan, region_rows: list[dict[str, Any]]) -> None:
+        summary = summarise_regions(plan, region_rows)
+        if summary["regions_failed"]:
+            write_error_summary(plan, summary)
+            rows.append(
+                manifest_row(
+                    plan.uri,
+                    STATUS_ERROR,
+                    regions_message(summary),
+                    seconds=time.perf_counter() - started[plan.uri],
+                )
+            )
+            return
+        assembling.append((plan, summary, assemble.remote(dataclasses.asdict(plan), summary)))
+
+    run_region_job(checkpoint, plans, segment, instances, cpus_per_worker, on_slide_done)
+    for plan, summary, reference in assembling:
+        try:
+            nuclei = ray.get(reference)
+        except Exception as error:
+            rows.append(
+                manifest_row(
+                    plan.uri,
+                    STATUS_ERROR,
+                    f"writing the outputs failed: {describe_error(error)}",
+                    seconds=time.perf_counter() - started[plan.uri],
+                )
+            )
+            continue
+        rows.append(
+            manifest_row(
+                plan.uri,
+                STATUS_OK,
+                regions_message(summary),
+                nuclei,
+                time.perf_counter() - started[plan.uri],
+            )
+        )
+    return rows
+
+
+def write_error_summary(plan: SlidePlan, summary: dict[str, Any]) -> None:
+    document = {"input": plan.uri, "status": STATUS_ERROR, **summary}
+    io.write_bytes_atomic(
+        io.join_uri(plan.output_uri, plan.stem + SUMMARY_SUFFIX),
+        json.dumps(document, indent=2).encode(),
+    )
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
+    """The whole-slide flags of ``unet-ray segment`` and ``jobs/segment.py``."""
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        help="microns per pixel to segment slides at (default: each slide's own)",
+    )
+    parser.add_argument(
+        "--region",
+        type=int,
+        default=DEFAULT_REGION,
+        help=f"slide region side in pixels, a multiple of {LABEL_TILE}; TIFFs larger than one "
+        "region are read by window as slides",
+    )
+    parser.add_argument(
+        "--halo",
+        type=int,
+        default=DEFAULT_HALO,
+        help="context read around each slide region; nuclei up to halo - overlap px stay whole",
+    )
+    parser.add_argument(
+        "--no-tissue-mask",
+        dest="tissue_mask",
+        action="store_false",
+        help="segment every slide region, also background",
+    )
+
+
+def slide_config_from_args(args: argparse.Namespace) -> SlideConfig:
+    return SlideConfig(
+        region=getattr(args, "region", DEFAULT_REGION),
+        halo=getattr(args, "halo", DEFAULT_HALO),
+        mpp=getattr(args, "mpp", None),
+        tissue_mask=getattr(args, "tissue_mask", True),
+    )
+
+
+def partition_inputs(
+    uris: list[str], slide: SlideConfig, segment: SegmentConfig
+) -> tuple[list[str], list[str]]:
+    """(slides, images) of the driver's input list; our own label outputs are dropped. Bad
+    slide flags raise ValueError first."""
+    check_slide_config(slide, segment)
+    slides, images = [], []
+    for uri in uris:
+        if is_own_output(uri):
+            continue
+        (slides if is_slide(uri, slide.region) else images).append(uri)
+    return slides, images
