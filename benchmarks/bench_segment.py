@@ -37,6 +37,8 @@ MODEL_SEED = 0
 MASK_THRESHOLD = 0.5
 NEAR_THRESHOLD = 0.01  # probabilities this close to the threshold are reported as a fraction
 MEGA = 1e6
+STABILITY_TILES = (512, 384)  # the same image segmented with both tile sides
+STABILITY_IOU = 0.8  # nuclei matched one to one above this IoU count as the same
 
 
 def make_mosaic(side: int, seed: int) -> np.ndarray:
@@ -179,6 +181,35 @@ def measure_tiling(side: int, repeats: int, train_settings: dict) -> dict[str, f
     ).items():
         results[f"segment_{key}"] = value
     results["segment_agreement"] = results["segment_agreement_default"]
+    results.update(measure_stability(image, predict_trained, segment.batch_size))
+    return results
+
+
+def measure_stability(image, predict_batch, batch_size) -> dict[str, float]:
+    """The same image through the trained model with tiles of 512 and of 384 px: the fraction of
+    nuclei matched one to one at IoU > 0.8 between the two label images, for today's
+    post-processing and for the previous one (``bench_instances.previous_labels``)."""
+    from bench_instances import previous_labels
+
+    from unet_ray.config import InstanceConfig
+    from unet_ray.metrics import compute_overlaps
+    from unet_ray.segment import labels_from_maps, predict_probabilities
+    from unet_ray.tiling import plan_for_scheme
+
+    maps = [
+        predict_probabilities(image, plan_for_scheme(*image.shape[:2], "default", tile, 32),
+                              predict_batch, batch_size)
+        for tile in STABILITY_TILES
+    ]  # fmt: skip
+    results = {}
+    for name, label in (
+        ("", lambda probabilities: labels_from_maps(probabilities, InstanceConfig())),
+        ("_before", lambda probabilities: previous_labels(probabilities[0])),
+    ):
+        first, second = (label(probabilities) for probabilities in maps)
+        matched = np.count_nonzero(compute_overlaps(first, second).pair_iou > STABILITY_IOU)
+        results[f"segment_tile_stability{name}"] = matched / max(1, first.max(), second.max())
+        results[f"segment_tile_stability_nuclei{name}"] = int(max(first.max(), second.max()))
     return results
 
 
@@ -231,11 +262,38 @@ def measure_actors(count: int, side: int) -> dict[str, float]:
                 name = "1_actor" if workers == 1 else f"{workers}_actors"
                 results[f"segment_mpix_per_s_{name}"] = megapixels / seconds
                 results[f"segment_job_seconds_{name}"] = seconds
+                results[f"segment_post_overlap_fraction_{name}"] = overlap_fraction(summary.rows)
         finally:
             if started_ray:
                 ray.shutdown()
     results["segment_job_megapixels"] = megapixels
     return results
+
+
+def overlap_fraction(rows: list[dict]) -> float:
+    """The share of the post-processing seconds (labels and writing, stage 2) during which the
+    inference stage was running on some other image: 0 when the stages take turns."""
+    inference = [(row["infer_start"], row["infer_end"]) for row in rows]
+    total = overlapped = 0.0
+    for row in rows:
+        start, end = row["post_start"], row["post_end"]
+        total += end - start
+        busy = [
+            (max(start, first), min(end, last))
+            for first, last in inference
+            if (first, last) != (row["infer_start"], row["infer_end"])
+        ]
+        overlapped += union_length([(a, b) for a, b in busy if b > a])
+    return overlapped / total if total else 0.0
+
+
+def union_length(spans: list[tuple[float, float]]) -> float:
+    length, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            length += end - max(start, reach)
+            reach = end
+    return length
 
 
 def run(quick: bool = True) -> dict[str, float]:
@@ -284,6 +342,16 @@ def format_table(results: dict[str, float]) -> str:
         f"| {results['segment_job_seconds_1_actor']:.1f} |",
         f"| 2 actors | {results['segment_mpix_per_s_2_actors']:.3f} "
         f"| {results['segment_job_seconds_2_actors']:.1f} |",
+        "",
+        "Post-processing seconds that ran while the inference stage worked on another image: "
+        f"{results['segment_post_overlap_fraction_1_actor']:.0%} (1 actor), "
+        f"{results['segment_post_overlap_fraction_2_actors']:.0%} (2 actors).",
+        f"Same image, tiles {STABILITY_TILES[0]} vs {STABILITY_TILES[1]}: "
+        f"{results['segment_tile_stability']:.1%} of "
+        f"{results['segment_tile_stability_nuclei']} nuclei matched one to one at IoU > "
+        f"{STABILITY_IOU} (previous post-processing: "
+        f"{results['segment_tile_stability_before']:.1%} of "
+        f"{results['segment_tile_stability_nuclei_before']}).",
     ]
     return "\n".join(lines)
 

@@ -98,7 +98,7 @@ def train_and_score(
     from unet_ray.train import run_training
 
     values = {
-        "model": {"encoder_weights": "none"},
+        "model": {"encoder_weights": "none", **overrides.get("model", {})},
         "data": {
             "source": source,
             "tile_size": TILE,

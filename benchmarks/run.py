@@ -26,7 +26,7 @@ from pathlib import Path
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 DEFAULT_JSON = BENCHMARKS_DIR / "results.json"
-PARTS = ("augment", "flops", "train", "segment", "slides")
+PARTS = ("augment", "flops", "train", "segment", "instances", "slides")
 ERROR_MESSAGE_CHARS = 300
 
 # (key, description, comparison, target, applies only on a GPU); the table lists them in order.
@@ -43,6 +43,32 @@ METRICS = (
     ("segment_mpix_per_s_default", "segmentation MP/s, default tiling", None, None, False),
     ("segment_speedup_vs_reference_tiling", "default / reference tiling speed", ">=", 3.0, False),
     ("segment_agreement", "pixels equal to whole-image inference", ">=", 0.999, False),
+    ("segment_tile_stability", "nuclei equal at tiles 512 / 384 (IoU 0.8)", ">=", 0.97, False),
+    (
+        "segment_post_overlap_fraction_1_actor",
+        "post-processing overlapped by inference",
+        None,
+        None,
+        False,
+    ),
+    (
+        "instances_mp_per_s_per_core",
+        "instance labels MP/s per core, mask+contour",
+        ">=",
+        4.0,
+        False,
+    ),
+    (
+        "instances_mp_per_s_per_core_mask",
+        "instance labels MP/s per core, mask head",
+        ">=",
+        4.0,
+        False,
+    ),
+    ("instances_mp_per_s_per_core_before", "... previous post-processing", None, None, False),
+    ("instances_peak_bytes_per_pixel", "peak extra bytes/pixel, mask+contour", "<=", 24.0, False),
+    ("instances_peak_bytes_per_pixel_mask", "peak extra bytes/pixel, mask head", "<=", 24.0, False),
+    ("instances_peak_bytes_per_pixel_before", "... previous post-processing", None, None, False),
     ("augment_images_per_s_per_core", "augmentation images/s per core", None, None, False),
     ("augment_elastic_images_per_s_per_core", "... with elastic, per core", None, None, False),
     ("slides_mpix_per_s_16k", "16k x 16k slide MP/s, background skipped", None, None, False),

@@ -41,12 +41,12 @@ def test_score_image_counts_pixels_and_nuclei():
     truth = np.zeros((32, 32), np.int32)
     truth[2:8, 2:8], truth[20:30, 20:30] = 1, 2
     perfect = (truth > 0).astype(np.float32)
-    row = score_image("a", perfect, truth, InstanceConfig(min_size=4))
+    row = score_image("a", perfect[None], truth, InstanceConfig(min_size=4))
     assert row["pixel_f1"] == 1.0 and row["dsb_score"] == 1.0 and row["f1_50"] == 1.0
     assert (row["nuclei_true"], row["nuclei_pred"]) == (2, 2)
     half = perfect.copy()
     half[20:30, 20:30] = 0  # one nucleus missed
-    missed = score_image("b", half, truth, InstanceConfig(min_size=4))
+    missed = score_image("b", half[None], truth, InstanceConfig(min_size=4))
     assert missed["dsb_score"] == pytest.approx(0.5) and missed["fn"] == 100
     summary = summarise_scores([row, missed])
     assert summary["n_images"] == 2

@@ -26,6 +26,7 @@ from unet_ray.segment import (
     MANIFEST_COLUMNS,
     TILED_MASK_AGREEMENT,
     TILED_MAX_PROBABILITY_DIFFERENCE,
+    FinishImages,
     SegmentActor,
     drop_own_outputs,
     image_stem,
@@ -135,7 +136,7 @@ def test_tiled_default_matches_whole_image_inference(checkpoint):
     assert 0.05 < float(np.mean(whole > 0.5)) < 0.95  # the comparison is not trivial
 
 
-def test_segment_actor_in_process_writes_outputs_and_error_rows(checkpoint, tmp_path):
+def test_both_stages_in_process_write_outputs_and_error_rows(checkpoint, tmp_path):
     write_good_images(tmp_path / "in")
     write_bad_images(tmp_path / "in")
     output = str(tmp_path / "out")
@@ -146,7 +147,12 @@ def test_segment_actor_in_process_writes_outputs_and_error_rows(checkpoint, tmp_
         dataclasses.asdict(InstanceConfig()),
     )
     uris = np.array([str(tmp_path / "in" / "rgb.png"), str(tmp_path / "in" / "notes.png")])
-    result = actor(batch={"input": uris})
+    inferred = actor(batch={"input": uris})
+    assert [maps.shape for maps in inferred["probabilities"]] == [(1, 150, 170), (0, 0, 0)]
+    assert inferred["probabilities"][0].dtype == np.float16
+    assert not os.path.exists(output)  # stage 1 writes nothing
+    finish = FinishImages(output, dataclasses.asdict(InstanceConfig()))
+    result = finish(batch=inferred)
     assert list(result["status"]) == ["ok", "error"]
     assert "not an image" in result["message"][1] and "notes.png" in result["message"][1]
     written = sorted(os.listdir(output))
@@ -220,8 +226,8 @@ def nuclei_16_bit() -> np.ndarray:
 
 
 def bright_is_nucleus(windows: np.ndarray) -> np.ndarray:
-    """A stand-in model: logits +10 where the 8-bit rendering is bright, else -10."""
-    return np.where(windows[..., 0] > 127, 10.0, -10.0).astype(np.float32)
+    """A stand-in predictor (N x 1 x h x w logits): +10 where the 8-bit rendering is bright."""
+    return np.where(windows[..., 0] > 127, 10.0, -10.0).astype(np.float32)[:, None]
 
 
 def write_16_bit_inputs(folder: Path) -> list[Path]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from unet_ray import io
-from unet_ray.config import Config
+from unet_ray.config import HEAD_CHANNELS, HEAD_MASK, Config
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
@@ -70,6 +70,17 @@ def load_model(directory: str, device: str | torch.device = "cpu"):
         )
     except Exception as error:  # torch raises several types for corrupt files
         raise ValueError(f"{model_uri} is not a readable PyTorch state_dict: {error}") from error
-    model = UNetVGG16BN(decoder_batchnorm=config.model.decoder_batchnorm)
+    saved = tuple(state["head.weight"].shape[:1]) if "head.weight" in state else None
+    if "head" not in info.get("config", {}).get("model", {}) and saved == (1,):
+        config.model.head = HEAD_MASK  # saved before heads were configurable
+        info.setdefault("config", {}).setdefault("model", {})["head"] = HEAD_MASK
+    channels = HEAD_CHANNELS[config.model.head]
+    if saved != (channels,):
+        raise ValueError(
+            f"{model_uri} has a head of {saved[0] if saved else '?'} output channel(s), but its "
+            f"config.json says model.head={config.model.head!r} ({channels}): a mismatched "
+            "checkpoint"
+        )
+    model = UNetVGG16BN(decoder_batchnorm=config.model.decoder_batchnorm, head_channels=channels)
     model.load_state_dict(state)  # SyncBatchNorm layers save the keys of plain BatchNorm
     return model.to(device).eval(), info

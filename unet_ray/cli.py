@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -13,9 +14,11 @@ from unet_ray.config import (
     ENCODER_IMAGENET,
     ENCODER_NONE,
     EVALUATE_SPLITS,
+    HEADS,
     LOSSES,
     SCHEDULERS,
     Config,
+    InstanceConfig,
     load_config,
 )
 
@@ -90,6 +93,62 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--freeze-encoder", action="store_true", default=None)
     parser.add_argument("--decoder-batchnorm", action="store_true", default=None)
+    parser.add_argument(
+        "--head",
+        choices=HEADS,
+        help="mask: one nucleus channel (the report's); mask+contour: nucleus and contour, to "
+        "split touching nuclei (default: model.head of the config)",
+    )
+    parser.add_argument(
+        "--contour-weight", type=float, help="mask+contour: weight of the contour loss (1.0)"
+    )
+    add_instance_arguments(parser)
+
+
+def add_instance_arguments(parser: argparse.ArgumentParser) -> None:
+    """Post-processing flags; each given one overrides the value saved in the checkpoint (train:
+    the config's), which validation, `evaluate` and `segment` share."""
+    group = parser.add_argument_group("instances (default: the checkpoint's values)")
+    group.add_argument("--threshold", type=float, help="nucleus probability threshold (0.5)")
+    group.add_argument(
+        "--contour-threshold", type=float, help="mask+contour: contour probability parting nuclei"
+    )
+    group.add_argument(
+        "--core-ratio",
+        type=float,
+        help="mask head: seeds where the distance to the background is at least this fraction "
+        "of the largest one nearby (0.85)",
+    )
+    group.add_argument("--min-size", type=int, help="smallest nucleus kept, pixels (16)")
+    group.add_argument("--min-seed-size", type=int, help="smallest seed counted, pixels (4)")
+    group.add_argument(
+        "--no-fill-holes",
+        dest="fill_holes",
+        action="store_false",
+        default=None,
+        help="keep background enclosed by one nucleus as background",
+    )
+
+
+INSTANCE_FLAGS = (
+    "threshold",
+    "contour_threshold",
+    "core_ratio",
+    "min_size",
+    "min_seed_size",
+    "fill_holes",
+)  # attribute = InstanceConfig field
+
+
+def instance_config_from_args(args: argparse.Namespace, base: InstanceConfig) -> InstanceConfig:
+    """``base`` (the checkpoint's instance settings) with the flags the user gave applied."""
+    given = {
+        name: getattr(args, name)
+        for name in INSTANCE_FLAGS
+        if getattr(args, name, None) is not None
+    }
+    values = {**dataclasses.asdict(base), **given}
+    return Config.from_dict({"instances": values}).instances
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,6 +183,9 @@ _TRAIN_OVERRIDES = (
     ("sync_batchnorm", "train", "sync_batchnorm"),
     ("freeze_encoder", "model", "freeze_encoder"),
     ("decoder_batchnorm", "model", "decoder_batchnorm"),
+    ("head", "model", "head"),
+    ("contour_weight", "train", "contour_weight"),
+    *((name, "instances", name) for name in INSTANCE_FLAGS),
 )
 
 
@@ -218,7 +280,10 @@ def command_evaluate(args: argparse.Namespace) -> int:
     from unet_ray.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
-        absolute_path(args.checkpoint), absolute_path(args.data), split=args.split
+        absolute_path(args.checkpoint),
+        absolute_path(args.data),
+        split=args.split,
+        overrides=lambda saved: instance_config_from_args(args, saved),
     )
     print(json.dumps(metrics, indent=2))
     return EXIT_OK
@@ -289,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="images to score: val (default: the checkpoint's validation images), train, or "
         "all images of a raw DSB2018 layout",
     )
+    add_instance_arguments(evaluate)
     evaluate.set_defaults(handler=command_evaluate)
 
     segment = commands.add_parser("segment", help="segment an image collection on Ray Data")

@@ -23,6 +23,11 @@ SIZE_MULTIPLE = 32  # five 2x2 max-pools: input sides must be multiples of 2**5
 
 ENCODER_IMAGENET = "imagenet"  # torchvision's VGG16_BN_Weights.IMAGENET1K_V1 via torch's hub cache
 ENCODER_NONE = "none"  # randomly initialised encoder
+HEAD_MASK, HEAD_MASK_CONTOUR = "mask", "mask+contour"
+HEADS = (HEAD_MASK, HEAD_MASK_CONTOUR)
+HEAD_CHANNELS = {HEAD_MASK: 1, HEAD_MASK_CONTOUR: 2}
+# keys older checkpoints saved that no longer mean anything; dropped when read
+RETIRED_KEYS = {"instances": ("min_distance",)}
 
 
 @dataclass
@@ -37,6 +42,9 @@ class ModelConfig:
     decoder_batchnorm: bool = (
         False  # batch-norm in the decoder (report: off, lowers border contrast)
     )
+    # "mask": one logit, nucleus (the report's head); "mask+contour": nucleus and nucleus
+    # contour, so that touching nuclei are split where the network saw them meet
+    head: str = HEAD_MASK
 
 
 @dataclass
@@ -55,9 +63,15 @@ class DataConfig:
 
 @dataclass
 class InstanceConfig:
-    threshold: float = 0.5  # probability above which a pixel is nucleus
+    """Probability maps -> instance labels (``unet_ray.instances``); one set of values, saved in
+    the checkpoint, serves validation, `unet-ray evaluate` and `unet-ray segment`."""
+
+    threshold: float = 0.5  # nucleus probability above which a pixel is nucleus
+    contour_threshold: float = 0.5  # mask+contour head: contour probability that parts nuclei
+    core_ratio: float = 0.85  # mask head: seeds where distance >= ratio * largest distance nearby
     min_size: int = 16  # objects smaller than this many pixels are dropped
-    min_distance: int = 4  # minimum distance between watershed seeds (pixels)
+    min_seed_size: int = 4  # seeds smaller than this many pixels are ignored
+    fill_holes: bool = True  # background enclosed by one nucleus becomes part of it
 
 
 @dataclass
@@ -80,6 +94,7 @@ class TrainConfig:
     shuffle_buffer_tiles: int = 256  # training tiles mixed in each worker's shuffle buffer
     sync_batchnorm: bool = True  # SyncBatchNorm when training on more than one GPU
     loss: str = "bce"  # bce | dice | bce+dice
+    contour_weight: float = 1.0  # mask+contour head: weight of the contour channel's loss
     momentum: float = 0.9  # SGD momentum (report: 0.9)
     weight_decay: float = 1e-4  # not applied to batch-norm weights and biases
     grad_clip: float = 1.0  # max gradient norm; large max_lr with SGD needs it
@@ -154,6 +169,7 @@ def _build_section(section_class, name: str, values: dict[str, Any] | None):
     if not isinstance(values, dict):
         raise ValueError(f"config section '{name}' must be a mapping, got {type(values).__name__}")
     known = {f.name for f in dataclasses.fields(section_class)}
+    values = {key: value for key, value in values.items() if key not in RETIRED_KEYS.get(name, ())}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(
@@ -168,6 +184,12 @@ def validate(config: Config) -> None:
         raise ValueError(f"train.scheduler '{config.train.scheduler}' is not one of {SCHEDULERS}")
     if config.train.loss not in LOSSES:
         raise ValueError(f"train.loss '{config.train.loss}' is not one of {LOSSES}")
+    if config.model.head not in HEADS:
+        raise ValueError(f"model.head '{config.model.head}' is not one of {HEADS}")
+    if config.train.contour_weight < 0:
+        raise ValueError(f"train.contour_weight={config.train.contour_weight} must be >= 0")
+    if not 0.0 < config.instances.threshold < 1.0 or not 0.0 < config.instances.core_ratio <= 1.0:
+        raise ValueError("instances.threshold must be in (0, 1) and instances.core_ratio in (0, 1]")
     if config.segment.scheme not in TILING_SCHEMES:
         raise ValueError(f"segment.scheme '{config.segment.scheme}' is not one of {TILING_SCHEMES}")
     for name, side in (

@@ -7,7 +7,8 @@ averaging over 256-px tiles weights big images more and cuts nuclei at tile bord
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from unet_ray import io
 from unet_ray.checkpoint import load_model
 from unet_ray.config import EVALUATE_SPLITS, Config, InstanceConfig, SegmentConfig
-from unet_ray.instances import labels_from_probabilities
+from unet_ray.instances import contour_target
 from unet_ray.metrics import (
     dsb_image_score,
     f1_from_counts,
@@ -24,7 +25,7 @@ from unet_ray.metrics import (
     iou_from_counts,
     pixel_counts,
 )
-from unet_ray.segment import make_batch_predictor, plan_image, sigmoid_in_place
+from unet_ray.segment import labels_from_maps, make_batch_predictor, plan_image, sigmoid_in_place
 from unet_ray.tiling import predict_tiled
 
 COUNT_KEYS = ("tp", "fp", "fn", "inst_tp", "inst_fp", "inst_fn")
@@ -33,7 +34,8 @@ COUNT_KEYS = ("tp", "fp", "fn", "inst_tp", "inst_fp", "inst_fn")
 def predict_logits(
     model, image: np.ndarray, segment: SegmentConfig, device: str, channels_last: bool = True
 ) -> np.ndarray:
-    """Whole-image logits (H x W float32) of an RGB uint8 image, tiled as `segment` tiles it."""
+    """Whole-image logits (C x H x W float32, one channel per head output) of an RGB uint8
+    image, tiled as `segment` tiles it."""
     height, width = image.shape[:2]
     return predict_tiled(
         image,
@@ -46,11 +48,11 @@ def predict_logits(
 def score_image(
     name: str, probabilities: np.ndarray, truth: np.ndarray, instances: InstanceConfig
 ) -> dict[str, Any]:
-    """One image's row: pixel and instance counts, pixel F1, instance F1 at IoU 0.5, DSB score."""
-    predicted = labels_from_probabilities(
-        probabilities, instances.threshold, instances.min_size, instances.min_distance
-    )
-    tp, fp, fn = pixel_counts(probabilities > instances.threshold, truth > 0)
+    """One image's row: pixel and instance counts, pixel F1, instance F1 at IoU 0.5, DSB score,
+    from its C x H x W probabilities; the predicted mask is the union of the predicted nuclei,
+    as `unet-ray segment` writes it."""
+    predicted = labels_from_maps(probabilities, instances)
+    tp, fp, fn = pixel_counts(predicted > 0, truth > 0)
     inst_tp, inst_fp, inst_fn = instance_counts(truth, predicted, 0.5)
     return {
         "image": name,
@@ -119,25 +121,33 @@ def iterate_samples(
 
 
 def evaluate_checkpoint(
-    checkpoint: str, data: str, split: str = "val", device: str = "cpu"
+    checkpoint: str,
+    data: str,
+    split: str = "val",
+    device: str = "cpu",
+    overrides: Callable[[InstanceConfig], InstanceConfig] | None = None,
 ) -> dict[str, Any]:
     """Scores of a checkpoint on the images of ``split`` (see ``iterate_samples``), each image
-    segmented whole as `unet-ray segment` does, with the checkpoint's instance settings.
+    segmented whole as `unet-ray segment` does, with the checkpoint's instance settings
+    (``overrides`` may change them: the CLI's flags).
 
     Returns ``summarise_scores`` plus ``split``, ``checkpoint``, ``data`` and ``per_image`` (one
     row per image: its id, pixel F1, DSB2018 score, instance F1 at IoU 0.5, nuclei counts).
     """
     model, info = load_model(checkpoint, device=device)
     config = Config.from_dict(info.get("config", {}))
+    instances = overrides(config.instances) if overrides else config.instances
     rows = []
     for name, image, truth in iterate_samples(data, split, info.get("samples")):
         probabilities = sigmoid_in_place(predict_logits(model, image, config.segment, device))
-        rows.append(score_image(name, probabilities, truth, config.instances))
+        rows.append(score_image(name, probabilities, truth, instances))
     if not rows:
         raise ValueError(f"no images to evaluate in {data}")
     return {
         **summarise_scores(rows),
         "split": split,
+        "head": config.model.head,
+        "instances": dataclasses.asdict(instances),
         "checkpoint": checkpoint,
         "data": data,
         "per_image": [
@@ -147,11 +157,21 @@ def evaluate_checkpoint(
 
 
 def validation_loss(loss_function, logits: np.ndarray, truth: np.ndarray) -> float:
-    """The training loss of one whole image's logits against its mask."""
+    """The training loss of one whole image's C x H x W logits against the targets derived
+    from its labels as in training (``image_targets``)."""
     with torch.inference_mode():
         return float(
             loss_function(
-                torch.from_numpy(logits)[None, None],
-                torch.from_numpy(truth > 0).float()[None, None],
+                torch.from_numpy(logits)[None],
+                torch.from_numpy(image_targets(truth, len(logits)))[None],
             )
         )
+
+
+def image_targets(labels: np.ndarray, channels: int) -> np.ndarray:
+    """float32 C x H x W targets of an instance label image: the nucleus mask, then (two
+    channels) the nucleus contour."""
+    targets = [labels > 0]
+    if channels > 1:
+        targets.append(contour_target(labels))
+    return np.stack(targets).astype(np.float32)

@@ -1,4 +1,5 @@
-"""Training losses on logits: binary cross-entropy, soft Dice, and their sum. Plain torch."""
+"""Training losses on logits: binary cross-entropy, soft Dice, and their sum, per output channel;
+and the targets of each model head. Plain torch."""
 
 from __future__ import annotations
 
@@ -70,8 +71,44 @@ class BCEDiceLoss(nn.Module):
 LOSS_CLASSES = {"bce": BCELoss, "dice": DiceLoss, "bce+dice": BCEDiceLoss}  # = config.LOSSES
 
 
-def build_loss(name: str) -> nn.Module:
-    """The loss called ``name``: one of ``"bce"``, ``"dice"``, ``"bce+dice"``."""
+class ChannelLoss(nn.Module):
+    """One loss per output channel, weighted and summed: channel 0 (nucleus) has weight 1, the
+    contour channel ``contour_weight``. Logits and targets are N x C x H x W."""
+
+    def __init__(self, base: nn.Module, contour_weight: float = 1.0):
+        super().__init__()
+        self.base = base
+        self.contour_weight = contour_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        check_same_shape(logits, target)
+        loss = self.base(logits[:, :1], target[:, :1])
+        if logits.shape[1] > 1:
+            loss = loss + self.contour_weight * self.base(logits[:, 1:2], target[:, 1:2])
+        return loss
+
+
+def build_loss(name: str, contour_weight: float = 1.0) -> nn.Module:
+    """The loss called ``name`` (``"bce"``, ``"dice"``, ``"bce+dice"``), applied to each output
+    channel; the contour channel's loss is weighted by ``contour_weight``."""
     if name not in LOSS_CLASSES:
         raise ValueError(f"unknown loss '{name}'; choose one of {list(LOSS_CLASSES)}")
-    return LOSS_CLASSES[name]()
+    return ChannelLoss(LOSS_CLASSES[name](), contour_weight)
+
+
+def contour_from_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Contour target (bool N x 1 x H x W) of instance labels (N x H x W): the nucleus pixels
+    with an 8-neighbour of another label or of the background. The same rule as
+    ``unet_ray.instances.contour_target`` (beyond the image border nothing differs)."""
+    values = labels.float()[:, None]
+    larger = F.max_pool2d(values, kernel_size=3, stride=1, padding=1)
+    smaller = -F.max_pool2d(-values, kernel_size=3, stride=1, padding=1)
+    return (values > 0) & ((larger != values) | (smaller != values))
+
+
+def head_targets(batch: dict[str, torch.Tensor], channels: int) -> torch.Tensor:
+    """float N x C x H x W targets of a training batch: the nucleus mask, then (two channels)
+    the contour derived from the augmented instance labels."""
+    if channels == 1:
+        return batch["mask"]
+    return torch.cat([batch["mask"], contour_from_labels(batch["labels"]).float()], dim=1)

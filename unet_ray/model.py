@@ -9,7 +9,8 @@ Plain torch: no Ray; the only I/O is the encoder weights file (and its one-off d
 - decoder: five up-steps, each a 2x2 stride-2 transposed convolution halving the channels,
   concatenation with the encoder stage output of the same size, and two conv3x3 + ReLU
   (batch-norm in between only with ``decoder_batchnorm``);
-- head: a 1x1 convolution to one logit.
+- head: a 1x1 convolution to one logit per channel: nucleus (``mask`` head), or nucleus and
+  nucleus contour (``mask+contour``).
 
 27 conv3x3 layers in all (13 + 4 + 10); padded convolutions, so the output has the input's size.
 """
@@ -30,7 +31,13 @@ import torch
 import torchvision
 from torch import nn
 
-from unet_ray.config import ENCODER_IMAGENET, ENCODER_NONE, SIZE_MULTIPLE, ModelConfig
+from unet_ray.config import (
+    ENCODER_IMAGENET,
+    ENCODER_NONE,
+    HEAD_CHANNELS,
+    SIZE_MULTIPLE,
+    ModelConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +110,7 @@ class UNetVGG16BN(nn.Module):
     non-persistent buffers and do not appear in the state dict.
     """
 
-    def __init__(self, decoder_batchnorm: bool = False):
+    def __init__(self, decoder_batchnorm: bool = False, head_channels: int = 1):
         super().__init__()
         self.decoder_batchnorm = decoder_batchnorm
         self.encoder_frozen = False
@@ -123,7 +130,7 @@ class UNetVGG16BN(nn.Module):
             steps.append(UpStep(in_channels, skip, out_channels, decoder_batchnorm))
             in_channels = out_channels
         self.decoder = nn.ModuleList(steps)
-        self.head = nn.Conv2d(in_channels, 1, kernel_size=1)
+        self.head = nn.Conv2d(in_channels, head_channels, kernel_size=1)
         initialise_new_layers([self.centre, self.decoder, self.head])
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -397,7 +404,9 @@ def build_model(config: ModelConfig) -> UNetVGG16BN:
     the file must match it, so every worker of a run starts from the same encoder.
     ``config.freeze_encoder`` freezes the encoder after loading.
     """
-    model = UNetVGG16BN(decoder_batchnorm=config.decoder_batchnorm)
+    model = UNetVGG16BN(
+        decoder_batchnorm=config.decoder_batchnorm, head_channels=HEAD_CHANNELS[config.head]
+    )
     weights_path = resolve_encoder_weights(config.encoder_weights)
     if weights_path:
         if config.encoder_weights_sha256:

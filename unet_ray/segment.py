@@ -1,12 +1,19 @@
-"""The Ray Data batch-segmentation job: list images, tile, infer in an actor pool, write outputs.
+"""The Ray Data batch-segmentation job: list images, tile, infer, label and write, in two stages.
 
 The driver holds only paths: it lists INPUT (a folder, an ``s3://`` prefix or one image file),
 skips images whose five outputs already exist in OUTPUT, and feeds the rest, one row per image,
-to a pool of ``SegmentActor``s (one model each, GPU when asked, else CPU). Each actor reads its
-image itself, cuts it into tiles (``unet_ray.tiling``), runs them through the model a batch of
-tiles at a time while stitching the logits into one float32 map, turns the probabilities into
-instance labels (``unet_ray.instances``) and writes the outputs (``unet_ray.writers``), each file
-whole. Every failure of one image becomes an ``error`` row; the driver writes ``manifest.csv``.
+through two stages that Ray Data runs at the same time:
+
+1. a pool of ``SegmentActor``s (one model each, GPU when asked, else CPU): each reads its image,
+   cuts it into tiles (``unet_ray.tiling``), runs them through the model a batch of tiles at a
+   time while stitching the logits into one C x H x W map, and passes the probabilities (float16)
+   on;
+2. ``FinishImages`` workers on CPUs: instance labels (``unet_ray.instances``) and the five outputs
+   (``unet_ray.writers``), each file whole.
+
+So an actor (and its GPU) infers the next image while CPU workers post-process the last one
+(``benchmarks/bench_segment.py`` measures the overlap). Every failure of one image becomes an
+``error`` row; the driver writes ``manifest.csv``.
 
 Tiled versus whole-image inference, ``default`` scheme (tile 512, margin 32), measured on CPU in
 float32 with random-weight models (two seeds, eval mode) on synthetic images up to 960 x 960 whose
@@ -42,6 +49,7 @@ import numpy as np
 
 from unet_ray import io
 from unet_ray.config import Config, InstanceConfig, SegmentConfig
+from unet_ray.progress import Progress
 from unet_ray.tiling import TilePlan, check_tile_geometry, plan_for_scheme, predict_tiled
 from unet_ray.writers import OUTPUT_SUFFIXES, encode_outputs, output_names
 
@@ -80,7 +88,8 @@ def select_device(use_gpu: bool) -> str:
 def make_batch_predictor(
     model, device: str, channels_last: bool = True
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from uint8 windows (N x h x w x 3) to float32 logits (N x h x w).
+    """A function from uint8 windows (N x h x w x 3) to float32 logits (N x C x h x w, one
+    channel per output of the model's head).
 
     On a GPU the batch runs under bfloat16 autocast, channels-last unless ``channels_last`` is
     False (validation during training leaves the memory format of the trained model alone); on
@@ -105,7 +114,7 @@ def make_batch_predictor(
                     logits = model(batch)
             else:
                 logits = model(batch)
-        return logits[:, 0].float().cpu().numpy()
+        return logits.float().cpu().numpy()
 
     return predict_batch
 
@@ -123,7 +132,8 @@ def predict_probabilities(
     predict_batch: Callable[[np.ndarray], np.ndarray],
     batch_size: int,
 ) -> np.ndarray:
-    """Nucleus probabilities (H x W float32) of an RGB uint8 image, tile batch by tile batch."""
+    """Probabilities (C x H x W float32: nucleus, and contour for a ``mask+contour`` model) of an
+    RGB uint8 image, tile batch by tile batch."""
     return sigmoid_in_place(predict_tiled(image, plan, predict_batch, batch_size))
 
 
@@ -166,7 +176,9 @@ def describe_error(error: Exception) -> str:
 
 
 class SegmentActor:
-    """A Ray Data actor: one model, loaded once; each call segments a batch of image URIs."""
+    """Stage 1, a Ray Data actor: one model, loaded once; each call reads a batch of images and
+    infers their probability maps, which travel on (float16) to ``FinishImages`` so that the
+    actor (and its GPU) goes on to the next image while CPU workers post-process and write."""
 
     def __init__(
         self,
@@ -181,7 +193,6 @@ class SegmentActor:
         from unet_ray.checkpoint import load_model
 
         self.segment = SegmentConfig(**segment)
-        self.instances = InstanceConfig(**instances)
         self.output_uri = output_uri
         self.device = select_device(self.segment.use_gpu)
         if self.device == "cpu":
@@ -189,27 +200,147 @@ class SegmentActor:
         model, _ = load_model(checkpoint, device=self.device)
         self.predict_batch = make_batch_predictor(model, self.device)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self.segment_one(str(uri)) for uri in batch["input"]]
-        # every block must have one schema: nuclei travels as int64, UNKNOWN_NUCLEI when blank
-        for row in rows:
-            row["nuclei"] = UNKNOWN_NUCLEI if row["nuclei"] == "" else row["nuclei"]
-        return {column: np.array([row[column] for row in rows]) for column in MANIFEST_COLUMNS}
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return columns_of([self.infer_one(str(uri)) for uri in batch["input"]])
 
-    def segment_one(self, uri: str) -> dict[str, Any]:
-        """Segment one image and write its outputs; any failure becomes an error row."""
-        started = time.perf_counter()
+    def infer_one(self, uri: str) -> dict[str, Any]:
+        """Read and infer one image; a failure becomes an error row (empty arrays)."""
+        started = time.time()
         try:
-            nuclei = segment_image_file(
-                uri, self.output_uri, self.predict_batch, self.segment, self.instances
+            image, original = io.read_image_with_original(uri)
+            plan = plan_image(image.shape[0], image.shape[1], self.segment)
+            probabilities = predict_probabilities(
+                image, plan, self.predict_batch, self.segment.batch_size
             )
         except Exception as error:  # one bad image must never abort the dataset
-            unexpected = not isinstance(error, io.ImageReadError)  # a bad file needs no traceback
-            logger.warning("segmenting %s failed: %s", uri, error, exc_info=unexpected)
-            return manifest_row(
-                uri, STATUS_ERROR, describe_error(error), seconds=time.perf_counter() - started
+            return {**failed_row(uri, error, started), **empty_maps()}
+        return {
+            **manifest_row(uri, STATUS_OK, seconds=time.time() - started),
+            "probabilities": probabilities.astype(MAP_DTYPE),
+            "image": image,
+            "original": b"" if original is image else encode_array(original),
+            "infer_start": started,
+            "infer_end": time.time(),
+        }
+
+
+class FinishImages:
+    """Stage 2, Ray Data tasks on CPUs: instance labels from the maps, then the five outputs
+    written; a failure becomes an error row."""
+
+    def __init__(self, output_uri: str, instances: dict[str, Any]):
+        self.output_uri = output_uri
+        self.instances = InstanceConfig(**instances)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        rows = []
+        for index, uri in enumerate(batch["input"]):
+            row = {column: batch[column][index] for column in batch}
+            rows.append(self.finish_one(str(uri), row))
+        return columns_of(rows)
+
+    def finish_one(self, uri: str, row: dict[str, Any]) -> dict[str, Any]:
+        started = time.time()
+        inferred = float(row["infer_end"]) - float(row["infer_start"])
+        if row["status"] != STATUS_OK:
+            return {**plain_row(row), **timing(row, started)}
+        try:
+            original = decode_array(row["original"]) if len(row["original"]) else None
+            nuclei = finish_image(
+                uri, self.output_uri, row["image"], row["probabilities"], self.instances, original
             )
-        return manifest_row(uri, STATUS_OK, "", nuclei, time.perf_counter() - started)
+        except Exception as error:  # one bad image must never abort the dataset
+            failed = failed_row(uri, error, started)
+            failed["seconds"] = round(inferred + failed["seconds"], 3)
+            return {**failed, **timing(row, started)}
+        finished = manifest_row(uri, STATUS_OK, "", nuclei, inferred + time.time() - started)
+        return {**finished, **timing(row, started)}
+
+
+MAP_DTYPE = np.float16  # probabilities between the stages: half the bytes, steps of 0.0005 at 0.5
+TIMING_COLUMNS = ("infer_start", "infer_end", "post_start", "post_end")  # time.time() stamps
+
+
+def failed_row(uri: str, error: Exception, started: float) -> dict[str, Any]:
+    unexpected = not isinstance(error, io.ImageReadError)  # a bad file needs no traceback
+    logger.warning("segmenting %s failed: %s", uri, error, exc_info=unexpected)
+    return manifest_row(uri, STATUS_ERROR, describe_error(error), seconds=time.time() - started)
+
+
+def empty_maps() -> dict[str, Any]:
+    """The array columns of a row that has none (every block keeps one schema)."""
+    now = time.time()
+    return {
+        "probabilities": np.zeros((0, 0, 0), dtype=MAP_DTYPE),
+        "image": np.zeros((0, 0, 3), dtype=np.uint8),
+        "original": b"",
+        "infer_start": now,
+        "infer_end": now,
+    }
+
+
+def timing(row: dict[str, Any], started: float) -> dict[str, float]:
+    return {
+        "infer_start": float(row["infer_start"]),
+        "infer_end": float(row["infer_end"]),
+        "post_start": started,
+        "post_end": time.time(),
+    }
+
+
+def plain_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A manifest row from a dataset row (numpy scalars to Python values)."""
+    nuclei = row["nuclei"]
+    return manifest_row(
+        str(row["input"]),
+        str(row["status"]),
+        str(row["message"]),
+        "" if nuclei == "" or int(nuclei) == UNKNOWN_NUCLEI else int(nuclei),
+        float(row["seconds"]),
+    )
+
+
+def columns_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Column arrays of rows; nuclei travels as int64 (``UNKNOWN_NUCLEI`` when blank) so every
+    block has one schema. Array columns stay lists of arrays (shapes differ between images)."""
+    columns: dict[str, Any] = {}
+    for column in rows[0]:
+        values = [row[column] for row in rows]
+        if column == "nuclei":
+            values = [UNKNOWN_NUCLEI if value == "" else value for value in values]
+        if isinstance(values[0], np.ndarray):
+            columns[column] = values
+        elif isinstance(values[0], bytes):
+            columns[column] = np.array(values, dtype=object)
+        else:
+            columns[column] = np.array(values)
+    return columns
+
+
+def encode_array(array: np.ndarray) -> bytes:
+    buffer = bytes_io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_array(data: bytes) -> np.ndarray:
+    return np.load(bytes_io.BytesIO(bytes(data)), allow_pickle=False)
+
+
+def finish_image(
+    uri: str,
+    output_uri: str,
+    image: np.ndarray,
+    probabilities: np.ndarray,
+    instances: InstanceConfig,
+    original: np.ndarray | None = None,
+) -> int:
+    """Label one image's C x H x W probabilities and write its five outputs; nuclei count."""
+    labels = labels_from_maps(probabilities, instances)
+    mask = labels > 0  # the union of the nuclei: mask.png and labels.tif always agree
+    for name, data in encode_outputs(image, mask, labels, image_stem(uri), original).items():
+        io.write_bytes_atomic(io.join_uri(output_uri, name), data)
+    return int(labels.max())
 
 
 def segment_image_file(
@@ -219,24 +350,25 @@ def segment_image_file(
     segment: SegmentConfig,
     instances: InstanceConfig,
 ) -> int:
-    """Read, tile, infer, stitch, label and write the five outputs of one image; nuclei count.
+    """Read, tile, infer, stitch, label and write the five outputs of one image in this process
+    (the job's two stages in one); nuclei count.
 
     The network sees the 8-bit rendering (``io`` normalises >8-bit images); the nuclei table's
     intensities come from the original, in the input's own units (no copy for an 8-bit image).
     """
-    from unet_ray.instances import labels_from_probabilities
-
     image, original = io.read_image_with_original(uri)
     plan = plan_image(image.shape[0], image.shape[1], segment)
     probabilities = predict_probabilities(image, plan, predict_batch, segment.batch_size)
-    mask = probabilities > instances.threshold
-    labels = labels_from_probabilities(
-        probabilities, instances.threshold, instances.min_size, instances.min_distance
-    )
-    del probabilities
-    for name, data in encode_outputs(image, mask, labels, image_stem(uri), original).items():
-        io.write_bytes_atomic(io.join_uri(output_uri, name), data)
-    return int(labels.max())
+    return finish_image(uri, output_uri, image, probabilities, instances, original)
+
+
+def labels_from_maps(probabilities: np.ndarray, instances: InstanceConfig) -> np.ndarray:
+    """Instance labels from the C x H x W probabilities of either head (channel 0: nucleus,
+    channel 1 when present: contour)."""
+    from unet_ray.instances import instance_labels
+
+    contour = probabilities[1] if len(probabilities) > 1 else None
+    return instance_labels(probabilities[0], contour, instances)
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -340,24 +472,35 @@ def triage_inputs(
 def write_manifest(rows: list[dict[str, Any]], manifest_uri: str) -> None:
     """``manifest.csv`` sorted by input, written whole."""
     buffer = bytes_io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(MANIFEST_COLUMNS), lineterminator="\n")
+    writer = csv.DictWriter(
+        buffer, fieldnames=list(MANIFEST_COLUMNS), lineterminator="\n", extrasaction="ignore"
+    )
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda row: row["input"]))
     io.write_bytes_atomic(manifest_uri, buffer.getvalue().encode())
 
 
-def default_cpus_per_worker(workers: int, use_gpu: bool) -> int:
-    """CPUs per actor: on CPU, an equal share of the cluster (capped at the biggest node)."""
+def default_cpus_per_worker(workers: int, use_gpu: bool) -> float:
+    """CPUs per inference actor: one beside a GPU; on CPU, an equal share of the cluster (capped
+    at the biggest node) less what the post-processing tasks need (``post_task_cpus``)."""
     import ray
 
     if use_gpu:
         return 1
-    total = int(ray.cluster_resources().get("CPU", 1))
+    total = float(ray.cluster_resources().get("CPU", 1))
     largest_node = max(
-        (int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
+        (float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
         default=total,
     )
-    return max(1, min(largest_node, total // max(1, workers)))
+    share = min(largest_node, total / max(1, workers)) - post_task_cpus(use_gpu)
+    return max(0.5, share)
+
+
+def post_task_cpus(use_gpu: bool) -> float:
+    """CPUs of one post-processing task: a whole one beside GPU actors (the CPUs the GPU
+    actors leave free run as many tasks at once); on CPU a quarter, since inference takes ~50x
+    longer there and the actors should keep the rest."""
+    return 1.0 if use_gpu else 0.25
 
 
 @contextmanager
@@ -387,9 +530,11 @@ def build_dataset(
     output_uri: str,
     segment: SegmentConfig,
     instances: InstanceConfig,
-    cpus_per_worker: int,
+    cpus_per_worker: float,
 ):
-    """One row per image URI, mapped by a pool of ``SegmentActor``s into manifest rows."""
+    """One row per image URI: stage 1, a pool of ``SegmentActor``s, infers the maps; stage 2,
+    ``FinishImages`` on CPU tasks, labels and writes them and gives the manifest rows. Ray Data
+    streams rows from one stage to the next, so both run at once."""
     import ray
 
     items = ray.data.from_items([{"input": uri} for uri in uris], override_num_blocks=len(uris))
@@ -397,16 +542,17 @@ def build_dataset(
         # Ray 2.60 has no named parameter for max_task_retries yet; without it an image that
         # kills its actor (out of memory) would be retried forever
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return items.map_batches(
+        inferred = items.map_batches(
             SegmentActor,
             fn_constructor_kwargs={
                 "checkpoint": checkpoint,
                 "output_uri": output_uri,
                 "segment": dataclasses.asdict(segment),
                 "instances": dataclasses.asdict(instances),
-                "threads": cpus_per_worker,
+                "threads": max(1, round(cpus_per_worker)),
             },
             batch_size=1,
+            batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(
                 size=min(segment.workers, len(uris)),
                 max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR,
@@ -415,17 +561,28 @@ def build_dataset(
             num_gpus=1 if segment.use_gpu else 0,
             max_task_retries=TASK_RETRIES,
         )
-
-
-def row_from_dataset(row: dict[str, Any]) -> dict[str, Any]:
-    nuclei = int(row["nuclei"])
-    return manifest_row(
-        str(row["input"]),
-        str(row["status"]),
-        str(row["message"]),
-        "" if nuclei == UNKNOWN_NUCLEI else nuclei,
-        float(row["seconds"]),
+    return inferred.map_batches(
+        FinishImages,
+        fn_constructor_kwargs={
+            "output_uri": output_uri,
+            "instances": dataclasses.asdict(instances),
+        },
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, finish_workers(segment))),
+        num_cpus=post_task_cpus(segment.use_gpu),
     )
+
+
+def finish_workers(segment: SegmentConfig) -> int:
+    """Post-processing workers: on GPU, every CPU the GPU actors leave free (at most 8 per
+    actor); on CPU, one per inference actor."""
+    import ray
+
+    if not segment.use_gpu:
+        return segment.workers
+    free = int(ray.cluster_resources().get("CPU", 1)) - segment.workers
+    return max(1, min(free, 8 * segment.workers))
 
 
 def segment_with_ray(
@@ -446,12 +603,14 @@ def segment_with_ray(
         )
     rows: list[dict[str, Any]] = []
     stopped = ""
-    with job_data_context():
+    with job_data_context(), Progress("segment", len(uris), unit="image") as progress:
         dataset = build_dataset(checkpoint, uris, output_uri, segment, instances, cpus_per_worker)
         try:
             for dataset_row in dataset.iter_rows():
-                rows.append(row_from_dataset(dataset_row))
-                logger.info(
+                rows.append(
+                    {**plain_row(dataset_row), **{k: dataset_row[k] for k in TIMING_COLUMNS}}
+                )
+                logger.debug(
                     "segmented %d/%d: %s %s %s",
                     len(rows),
                     len(uris),
@@ -460,6 +619,8 @@ def segment_with_ray(
                     rows[-1]["message"]
                     or f"({rows[-1]['nuclei']} nuclei, {rows[-1]['seconds']} s)",
                 )
+                errors = sum(row["status"] == STATUS_ERROR for row in rows)
+                progress.update(summary=f"{len(rows) - errors} ok, {errors} error")
         except Exception as error:  # the pool could not start or broke: keep what finished
             logger.error("the segmentation dataset stopped: %s", error)
             stopped = f"not segmented: the job stopped ({one_line(error)}; see the log)"
@@ -537,7 +698,9 @@ def run_segmentation(
 
 def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``unet-ray segment`` and ``jobs/segment.py``."""
-    defaults, instance_defaults = SegmentConfig(), InstanceConfig()
+    from unet_ray.cli import add_instance_arguments
+
+    defaults = SegmentConfig()
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder (local, s3://)")
     parser.add_argument("input", metavar="INPUT", help="image folder, s3:// prefix or one image")
     parser.add_argument("output", metavar="OUTPUT", help="output folder or s3:// prefix")
@@ -569,16 +732,19 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="redo images whose outputs are complete"
     )
-    parser.add_argument("--threshold", type=float, default=instance_defaults.threshold)
-    parser.add_argument("--min-size", type=int, default=instance_defaults.min_size)
-    parser.add_argument("--min-distance", type=int, default=instance_defaults.min_distance)
+    add_instance_arguments(parser)
     from unet_ray.slides import add_slide_arguments
 
     add_slide_arguments(parser)
 
 
-def configs_from_args(args: argparse.Namespace) -> tuple[SegmentConfig, InstanceConfig]:
-    """Validated segment and instance configs from parsed flags."""
+def configs_from_args(
+    args: argparse.Namespace, saved: InstanceConfig
+) -> tuple[SegmentConfig, InstanceConfig]:
+    """Validated segment config from parsed flags, and the instance config: the checkpoint's
+    (``saved``) with the instance flags given applied."""
+    from unet_ray.cli import instance_config_from_args
+
     config = Config.from_dict(
         {
             "segment": {
@@ -590,14 +756,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[SegmentConfig, Instance
                 "use_gpu": bool(args.gpu),
                 "overwrite": bool(args.overwrite),
             },
-            "instances": {
-                "threshold": args.threshold,
-                "min_size": args.min_size,
-                "min_distance": args.min_distance,
-            },
         }
     )
-    return config.segment, config.instances
+    return config.segment, instance_config_from_args(args, saved)
 
 
 def segment_main(args: argparse.Namespace) -> int:
@@ -612,7 +773,11 @@ def segment_main(args: argparse.Namespace) -> int:
     # Ray's actors run in another working directory: local paths are the user's, made absolute
     for name in ("checkpoint", "input", "output"):
         setattr(args, name, absolute_path(getattr(args, name)))
-    segment, instances = configs_from_args(args)
+    from unet_ray.checkpoint import read_checkpoint_info
+
+    saved = Config.from_dict(read_checkpoint_info(args.checkpoint).get("config", {})).instances
+    segment, instances = configs_from_args(args, saved)
+    print("instances: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(instances).items()))
     io.check_writable(args.output)
     init_ray()
     summary = run_segmentation(

@@ -65,6 +65,7 @@ OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", 
 TIFF_SUFFIXES = (".tif", ".tiff")
 SLIDE_SUFFIXES = OPENSLIDE_SUFFIXES  # listed as inputs besides io.IMAGE_SUFFIXES
 PARTS_SUFFIX = ".parts"  # <stem>.parts/: one file per finished region
+PARTS_SIGNATURE = "signature.json"  # in the parts folder: the settings its parts were made with
 SUMMARY_SUFFIX = ".slide.json"
 STATUS_OK, STATUS_ERROR, STATUS_SKIPPED = "ok", "error", "skipped"
 RESULT_COLUMNS = (
@@ -206,6 +207,7 @@ class SlideReader:
         self.uri = str(uri)
         self._file = None
         self._slide = open_slide_backend(self.uri, self)
+        self._is_openslide = type(self._slide).__module__.startswith("openslide")
         self.level_dimensions = [tuple(size) for size in self._slide.level_dimensions]
         self.level_downsamples = [float(factor) for factor in self._slide.level_downsamples]
         self.width, self.height = self.level_dimensions[0]
@@ -215,9 +217,10 @@ class SlideReader:
         """``height x width`` RGB pixels of ``level`` whose top-left corner is (``left``, ``top``)
         in level-0 pixels; outside the slide is padded (tiffslide: zeros)."""
         try:
-            pixels = self._slide.read_region((left, top), level, (width, height), as_array=True)
-        except TypeError:  # OpenSlide: a PIL image, RGBA
-            pixels = np.asarray(self._slide.read_region((left, top), level, (width, height)))
+            if self._is_openslide:  # a PIL image, RGBA
+                pixels = np.asarray(self._slide.read_region((left, top), level, (width, height)))
+            else:
+                pixels = self._slide.read_region((left, top), level, (width, height), as_array=True)
         except Exception as error:
             raise io.ImageReadError(
                 f"{self.uri}: cannot read the {width}x{height} window at ({left}, {top}) of level "
@@ -410,8 +413,8 @@ def region_has_tissue(mask: np.ndarray, core: Box, frame_height: int, frame_widt
 def predict_window(
     image: np.ndarray, predict_batch: Callable[[np.ndarray], np.ndarray], segment: SegmentConfig
 ) -> np.ndarray:
-    """Nucleus probabilities of one window: the whole-image path's tiling and model call (the
-    one place this module calls the model)."""
+    """Probabilities (C x H x W) of one window: the whole-image path's tiling and model call
+    (the one place this module calls the model)."""
     from unet_ray.segment import plan_image, sigmoid_in_place
     from unet_ray.tiling import predict_tiled
 
@@ -420,19 +423,12 @@ def predict_window(
 
 
 def label_nuclei(probabilities: np.ndarray, instances: InstanceConfig) -> np.ndarray:
-    """Instance labels of one window from ``predict_window``'s maps (H x W, or C x H x W with
-    channel 0 the nucleus): the one place this module calls post-processing."""
-    from unet_ray import segment
+    """Instance labels of one window from ``predict_window``'s C x H x W maps (channel 0 the
+    nucleus, 1 the contour of a ``mask+contour`` model): the one place this module calls
+    post-processing."""
+    from unet_ray.segment import labels_from_maps
 
-    if hasattr(segment, "labels_from_maps"):  # two-channel heads (issue 13)
-        maps = probabilities if probabilities.ndim == 3 else probabilities[None]
-        return segment.labels_from_maps(maps, instances)
-    from unet_ray.instances import labels_from_probabilities
-
-    nucleus = probabilities if probabilities.ndim == 2 else probabilities[0]
-    return labels_from_probabilities(
-        nucleus, instances.threshold, instances.min_size, instances.min_distance
-    )
+    return labels_from_maps(probabilities, instances)
 
 
 def centroids(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -563,8 +559,9 @@ def segment_region(
 
 
 def failed_region_row(plan_uri: str, key: str, message: str) -> dict[str, Any]:
-    row = {column: 0 for column in RESULT_COLUMNS}
+    row: dict[str, Any] = {key_: 0.0 for key_ in (*TIMING_KEYS, "peak_rss_mb")}  # one schema
     row.update(slide=plan_uri, region=key, status=STATUS_ERROR, message=message, actor="")
+    row.update(nuclei=0, cut=0)
     return row
 
 
@@ -729,6 +726,46 @@ def training_mpp(checkpoint_info: dict[str, Any]) -> float | None:
         return float(value) if value else None
     except (TypeError, ValueError):
         return None
+
+
+def parts_signature(
+    plan: SlidePlan, checkpoint: str, segment: SegmentConfig, instances: InstanceConfig
+) -> dict[str, Any]:
+    """What finished parts depend on: a rerun reuses them only when all of it is unchanged."""
+    return {
+        "checkpoint": str(checkpoint),
+        "frame": [plan.frame_height, plan.frame_width],
+        "scale": plan.scale,
+        "region": plan.region,
+        "halo": plan.halo,
+        "spill": plan.spill,
+        "tiling": [segment.scheme, segment.tile, segment.overlap],
+        "instances": dataclasses.asdict(instances),
+    }
+
+
+def claim_parts(plan: SlidePlan, signature: dict[str, Any]) -> None:
+    """Keep the finished parts of an earlier run made with the same ``signature`` (resume);
+    drop them when anything they depend on changed, and record this run's signature."""
+    uri = io.join_uri(plan.parts_uri, PARTS_SIGNATURE)
+    previous = None
+    if io.exists(uri):
+        try:
+            previous = json.loads(io.read_bytes(uri))
+        except (OSError, ValueError):
+            previous = None
+    if previous != json.loads(json.dumps(signature)):
+        if plan.done:
+            logger.warning(
+                "%s: %d finished regions of an earlier run with other settings are redone",
+                plan.uri,
+                len(plan.done),
+            )
+        plan.done = []
+        from unet_ray.slide_writers import remove_parts
+
+        remove_parts(plan)
+    io.write_bytes_atomic(uri, json.dumps(signature, indent=2).encode())
 
 
 def existing_parts(plan_parts_uri: str) -> set[str]:
@@ -960,7 +997,9 @@ def segment_slides(
             )
             continue
         try:
-            plans.append(plan_slide(uri, output_uri, slide, segment, model_mpp))
+            plan = plan_slide(uri, output_uri, slide, segment, model_mpp)
+            claim_parts(plan, parts_signature(plan, checkpoint, segment, instances))
+            plans.append(plan)
         except Exception as error:
             logger.warning("cannot plan slide %s: %s", uri, error)
             rows.append(manifest_row(uri, STATUS_ERROR, describe_error(error)))

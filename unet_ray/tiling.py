@@ -287,12 +287,16 @@ def predict_tiled(
     predict_batch: Callable[[np.ndarray], np.ndarray],
     batch_size: int,
 ) -> np.ndarray:
-    """Run ``predict_batch`` (N x h x w [x C] -> N x h x w) over the plan, one batch at a time,
-    stitching into one preallocated float32 map so no more than a batch of windows is held."""
-    output = np.empty((plan.height, plan.width), dtype=np.float32)
+    """Run ``predict_batch`` (N x h x w x 3 windows -> N x h x w, or N x C x h x w) over the
+    plan, one batch at a time, stitching into one preallocated float32 map (H x W, or
+    C x H x W: each channel contiguous) so no more than a batch of windows is held."""
+    output = None
     for specs in batch_tiles(plan, batch_size):
         windows = np.stack([extract_tile(image, spec) for spec in specs])
         predictions = predict_batch(windows)
+        if output is None:
+            channels = predictions.shape[1:-2]
+            output = np.empty((*channels, plan.height, plan.width), dtype=np.float32)
         for prediction, spec in zip(predictions, specs, strict=True):
-            place_tile(output, prediction, spec)
+            output[(..., *spec.core_slices)] = prediction[(..., *spec.core_in_window)]
     return output

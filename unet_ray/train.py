@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,9 @@ from unet_ray import io
 from unet_ray.checkpoint import CONFIG_FILE, MODEL_FILE, save_checkpoint
 from unet_ray.config import Config
 from unet_ray.data import VAL_SPLIT
-from unet_ray.losses import build_loss
+from unet_ray.losses import build_loss, head_targets
 from unet_ray.model import use_sync_batchnorm
+from unet_ray.progress import Progress, is_terminal
 from unet_ray.schedules import config_learning_rate
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ FAIL_MARKER_ENV = "UNET_RAY_FAIL_MARKER"
 FAULT_REGISTER_TIMEOUT_S = 300.0
 FAULT_POLL_S = 0.2
 CHECKPOINT_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2, in the run folder
+EPOCH_POLL_S = 2.0  # on a terminal, the driver's epoch bar looks at OUTPUT/metrics.csv this often
 EPOCH_COLUMNS = (
     "epoch",
     "lr",
@@ -99,7 +102,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if use_sync_batchnorm(config.train.sync_batchnorm, config.train.use_gpu, world_size):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model)
-    loss_function = build_loss(config.train.loss)
+    loss_function = build_loss(config.train.loss, config.train.contour_weight)
     per_worker_batch = per_worker_batch_size(config.train.batch_size, world_size)
     steps_per_epoch = steps_per_worker_epoch(
         loop_config["train_tiles"] * loop_config["copies"], world_size, per_worker_batch
@@ -163,6 +166,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             is_best,
             loop_config["samples"],
             image_rows,
+            print_progress=loop_config.get("progress_lines", True),
         )
     train_batches.close()  # ends the Ray Data execution still streaming unused passes
     if writer is not None:
@@ -287,7 +291,7 @@ def train_one_epoch(
             group["lr"] = lr * group.get("lr_scale", 1.0)
         with _autocast(device):
             logits = model(batch["image"])
-            loss = loss_function(logits.float(), batch["mask"])
+            loss = loss_function(logits.float(), head_targets(batch, logits.shape[1]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.train.grad_clip > 0:
@@ -426,7 +430,10 @@ def _maybe_inject_failure(
 ) -> None:
     """Fault drill: the last rank dies at the start of epoch ``fault["epoch"]`` (1-based), once,
     as soon as Ray Train has registered the previous epoch's checkpoint (a crash before that may
-    take the last report with it, and the drill would test nothing)."""
+    take the last report with it, and the drill would test nothing).
+
+    With ``fault["hold"]`` (node-loss drill) it writes its node's id into the marker instead and
+    waits there, mid-epoch, for the drill to take that node away."""
     if not fault.get("epoch") or epoch + 1 != int(fault["epoch"]) or rank != world_size - 1:
         return
     marker = Path(fault["marker"])
@@ -437,9 +444,23 @@ def _maybe_inject_failure(
         if time.monotonic() > deadline:
             raise RuntimeError(f"fault drill: epoch {epoch}'s checkpoint was never registered")
         time.sleep(FAULT_POLL_S)
+    if fault.get("hold"):
+        _hold_for_node_loss(marker, rank, epoch)
     marker.write_text(f"rank {rank} killed early in epoch {epoch + 1}\n")
     print(f"[unet_ray] fault injection: rank {rank} exits in epoch {epoch + 1}", flush=True)
     os._exit(1)
+
+
+def _hold_for_node_loss(marker: Path, rank: int, epoch: int) -> None:
+    """Node-loss drill: say which node this rank runs on (the marker holds the node id), then
+    wait until the drill removes that node, which ends this process."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    io.write_bytes_atomic(str(marker), f"{node_id}\n".encode())
+    print(f"[unet_ray] fault injection: rank {rank} waits in epoch {epoch + 1}", flush=True)
+    time.sleep(FAULT_REGISTER_TIMEOUT_S)
+    raise RuntimeError(f"fault drill: node {node_id} of the waiting rank was never removed")
 
 
 def _report_epoch(
@@ -453,8 +474,11 @@ def _report_epoch(
     is_best: bool,
     samples: dict[str, list[str]],
     image_rows: list[dict[str, Any]],
+    print_progress: bool = True,
 ) -> None:
     """Log the epoch, write the run outputs and OUTPUT/best (rank 0), report a checkpoint to Ray.
+
+    ``print_progress`` False: the driver shows the epochs (a bar on its terminal), not rank 0.
 
     The digest of the weights saved for each epoch goes into the training state
     (``state["digests"]``), so that a resumed run can be checked against it."""
@@ -463,7 +487,8 @@ def _report_epoch(
     if not is_rank_zero:
         ray.train.report(metrics)  # every rank must report: it is a barrier
         return
-    print(format_progress(metrics, config.train.epochs), flush=True)
+    if print_progress:
+        print(format_progress(metrics, config.train.epochs), flush=True)
     state["digests"][str(metrics["epoch"])] = weights_digest(model)
     write_run_outputs(config.train.output, state["history"])
     image_csv = per_image_csv(metrics["epoch"], image_rows)
@@ -603,11 +628,14 @@ def _has_samples(source: str) -> bool:
         return False
 
 
-def build_trainer(config: Config, prepared: str, callbacks=None, fault_injection=None):
+def build_trainer(
+    config: Config, prepared: str, callbacks=None, fault_injection=None, progress_lines=True
+):
     """A TorchTrainer for this config; Ray Train's run lives in OUTPUT/ray_train.
 
     An epoch is at least ``train.min_steps_per_epoch`` steps: a small set is drawn ``copies``
     times per epoch (``data.tile_copies``), each draw a new random crop and augmentation.
+    ``progress_lines`` False: rank 0 prints no line per epoch (the driver shows a bar instead).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -641,6 +669,7 @@ def build_trainer(config: Config, prepared: str, callbacks=None, fault_injection
             "samples": {split: list(info[split]["samples"]) for split in (TRAIN_SPLIT, VAL_SPLIT)},
             "fault_injection": fault_injection or _fault_injection_from_env(),
             "verbose": is_verbose(),
+            "progress_lines": progress_lines,
         },
         scaling_config=ScalingConfig(
             num_workers=config.train.workers,
@@ -770,7 +799,13 @@ def init_ray(min_cpus: int = 1) -> None:
         return
     logging_config = None if is_verbose() else ray.LoggingConfig(log_level="WARNING")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_config=logging_config)
+        # the cluster's own state API, named for every worker of this job as for local Ray below
+        # (a machine may run several clusters, e.g. `ray start` beside a local Ray)
+        api_server = os.environ.get(API_SERVER_ENV) or cluster_api_server(os.environ["RAY_ADDRESS"])
+        if api_server:
+            os.environ[API_SERVER_ENV] = api_server
+        runtime_env = {"env_vars": {API_SERVER_ENV: api_server}} if api_server else None
+        ray.init(logging_config=logging_config, runtime_env=runtime_env)
     else:
         # Ray Train's placement-group cleaner (an actor) asks the state API, served by the
         # dashboard, without an address: with two local Ray instances on one machine it finds
@@ -779,6 +814,7 @@ def init_ray(min_cpus: int = 1) -> None:
         api_server = f"http://127.0.0.1:{dashboard_port}"
         os.environ[API_SERVER_ENV] = api_server
         ray.init(
+            address="local",  # a new instance of our own, never another command's local Ray
             num_cpus=max(os.cpu_count() or 1, min_cpus),
             logging_config=logging_config,
             include_dashboard=True,
@@ -789,6 +825,20 @@ def init_ray(min_cpus: int = 1) -> None:
     if not is_verbose():
         quiet_ray_logging()  # ray.init configured Ray's loggers anew
         print(f"[unet_ray] Ray's own logs: {ray_log_folder()} (--verbose shows them)", flush=True)
+
+
+def cluster_api_server(address: str) -> str | None:
+    """The state API's URL (the dashboard) of the cluster at a GCS ``address``, as Ray's job
+    client finds it; None for a Ray Client address or when the cluster does not say."""
+    if address.startswith("ray://"):
+        return None
+    from ray.dashboard.utils import ray_address_to_api_server_url
+
+    try:
+        return ray_address_to_api_server_url(address)
+    except Exception as error:  # no dashboard, or not reachable: Ray's own lookup stays
+        logger.debug("no state API address for %s: %s", address, error)
+        return None
 
 
 def free_port() -> int:
@@ -831,10 +881,63 @@ def run_training(config: Config, fault_injection: dict[str, Any] | None = None) 
         json.dumps(config.to_dict(), indent=2).encode(),
     )
     prepared = resolve_training_data(config)
-    result = build_trainer(config, prepared, fault_injection=fault_injection).fit()
+    show_bar = is_terminal()  # a bar here; otherwise rank 0 prints one line per epoch
+    trainer = build_trainer(
+        config, prepared, fault_injection=fault_injection, progress_lines=not show_bar
+    )
+    bar = EpochBar(config.train.output, config.train.epochs) if show_bar else None
+    with bar or contextlib.nullcontext():
+        result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     return collect_result(config.train.output, result)
+
+
+class EpochBar:
+    """On a terminal: a tqdm bar over the run's epochs while training runs (``with``), with each
+    epoch's line above it, fed from OUTPUT/metrics.csv (rank 0 rewrites it after every epoch)."""
+
+    def __init__(self, output: str, epochs: int):
+        self.output, self.epochs = output, epochs
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._poll, name="unet_ray-epoch-bar", daemon=True)
+
+    def __enter__(self):
+        self.done = len(read_history(self.output))  # a resumed run starts the bar there
+        self.progress = Progress("train", self.epochs, unit="epoch", initial=self.done, bar=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stopped.set()
+        self.thread.join()
+        self.progress.close()
+
+    def _poll(self) -> None:
+        while True:
+            last_look = self.stopped.wait(EPOCH_POLL_S)  # once more after training ended
+            history = read_history(self.output)
+            for row in history[self.done :]:
+                summary = f"val_f1 {row['val_pixel_f1']:.4f}"
+                self.progress.update(summary=summary, line=format_progress(row, self.epochs))
+            self.done = max(self.done, len(history))
+            if last_look:
+                return
+
+
+def read_history(output: str) -> list[dict[str, Any]]:
+    """OUTPUT/metrics.csv as one dict per epoch (numbers as numbers); [] before the first."""
+    try:
+        text = io.read_bytes(io.join_uri(output, METRICS_CSV)).decode()
+    except (FileNotFoundError, OSError, UnicodeDecodeError):
+        return []
+    rows = []
+    for row in csv.DictReader(_bytes_io.StringIO(text)):
+        with contextlib.suppress(ValueError, TypeError):
+            rows.append({key: float(value) for key, value in row.items()})
+    for row in rows:
+        row["epoch"] = int(row["epoch"])
+    return rows
 
 
 def collect_result(output: str, result) -> TrainResult:
