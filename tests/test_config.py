@@ -127,3 +127,32 @@ def test_train_output_that_cannot_be_written_is_exit_2_before_any_work(tmp_path,
     assert main(["train", "--output", str(output), "--encoder-weights", "none"]) == 2
     err = capsys.readouterr().err
     assert str(output) in err and "cannot write output there" in err
+
+
+def test_heads_and_instance_settings_are_validated_and_old_keys_are_read():
+    with pytest.raises(
+        ValueError, match=r"model.head 'contour' is not one of \('mask', 'mask\+contour'\)"
+    ):
+        Config.from_dict({"model": {"head": "contour"}})
+    with pytest.raises(ValueError, match="instances.threshold must be in"):
+        Config.from_dict({"instances": {"threshold": 1.5}})
+    with pytest.raises(ValueError, match="train.contour_weight=-1"):
+        Config.from_dict({"train": {"contour_weight": -1}})
+    # checkpoints saved before issue 13 carry instances.min_distance: read, and dropped
+    old = Config.from_dict({"instances": {"threshold": 0.4, "min_distance": 4}})
+    assert old.instances.threshold == 0.4 and not hasattr(old.instances, "min_distance")
+    with pytest.raises(ValueError, match="unknown key"):
+        Config.from_dict({"instances": {"min_distanse": 4}})
+
+
+def test_train_flags_set_the_head_and_the_instance_settings(tmp_path):
+    from unet_ray.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        ["train", "--head", "mask+contour", "--contour-weight", "2", "--threshold", "0.6",
+         "--no-fill-holes", "--output", str(tmp_path)]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert config.model.head == "mask+contour" and config.train.contour_weight == 2.0
+    assert config.instances.threshold == 0.6 and config.instances.fill_holes is False
+    assert config.instances.min_size == 16  # flags not given keep the config's values

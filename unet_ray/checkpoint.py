@@ -30,6 +30,10 @@ def save_checkpoint(
     """
     io.make_dirs(directory)
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    head = getattr(model, "head", None)
+    if head is not None:  # the config names the head the weights have
+        head_name = {channels: name for name, channels in HEAD_CHANNELS.items()}[head.out_channels]
+        config = {**config, "model": {**config.get("model", {}), "head": head_name}}
     buffer = _bytes_io.BytesIO()
     torch.save(model.state_dict(), buffer)
     io.write_bytes_atomic(io.join_uri(directory, MODEL_FILE), buffer.getvalue())
