@@ -70,11 +70,9 @@ def seam_patch() -> Patch:
 
 @pytest.fixture(scope="module")
 def slide_folder(tmp_path_factory) -> Path:
-    """A seam slide (all tissue, 512^2) and one small PNG (the image path)."""
+    """A seam slide (all tissue, 512^2). (The failure test mixes a slide with an image.)"""
     folder = tmp_path_factory.mktemp("slides")
     write_synthetic_slide(str(folder / "seams.ome.tif"), 512, 512, [seam_patch()], mpp=0.5)
-    small = generate_sample(np.random.default_rng(3), 96, 120, "he")[0]
-    (folder / "small.png").write_bytes(io.encode_png(small))
     return folder
 
 
@@ -232,15 +230,15 @@ def test_tissue_mask_keeps_only_regions_with_tissue(tmp_path):
 
 
 @pytest.mark.ray
-def test_job_routes_slides_and_images_and_counts_regions(job):
+def test_job_counts_regions_time_and_memory(job):
     summary, output = job
     rows = read_manifest(output)
-    assert summary.error == 0 and summary.ok == 2, rows
+    assert summary.error == 0 and summary.ok == 1, rows
     assert rows["seams.ome.tif"]["message"] == "regions: 4 done, 0 skipped (background), 0 failed"
-    assert (output / "small.labels.tif").is_file()  # the image path's outputs
     seams = summary_of(output, "seams")
     assert seams["status"] == "ok" and seams["regions_computed"] == 4
-    assert set(seams["seconds"]) == {"read_s", "infer_s", "post_s", "write_s"}
+    steps = {"plan_s", "read_s", "infer_s", "post_s", "write_s", "assemble_s"}
+    assert set(seams["seconds"]) == steps
     assert seams["seconds"]["infer_s"] > 0
     assert all(peak > 100 for peak in seams["peak_rss_mb_by_actor"].values())
     assert not (output / "seams.parts").exists()  # parts removed once assembled
@@ -301,7 +299,7 @@ def test_rerun_skips_complete_slides(job, checkpoint, slide_folder):
     summary = run_segmentation(
         checkpoint, str(slide_folder), str(output), SEGMENT, InstanceConfig(), slide=SLIDE_CONFIG
     )
-    assert summary.skipped == 2 and summary.ok == 0
+    assert summary.skipped == 1 and summary.ok == 0
     assert (output / "seams.labels.ome.tif").stat().st_mtime_ns == before
     assert read_manifest(output)["seams.ome.tif"]["nuclei"] == str(
         summary_of(output, "seams")["nuclei"]
@@ -332,7 +330,7 @@ def test_a_failing_region_marks_its_slide_error_and_a_rerun_resumes(
     assert "damaged.tif" in message and "cannot read" in message
     first = summary_of(output, "damaged")
     assert first["status"] == "error" and first["regions_failed"] == 1
-    parts = sorted((output / "damaged.parts").iterdir())
+    parts = sorted((output / "damaged.parts").glob("*.npz"))
     assert [part.name for part in parts] == ["r0000_c0000.npz"]
     assert not (output / "damaged.labels.ome.tif").exists()
 
@@ -341,6 +339,7 @@ def test_a_failing_region_marks_its_slide_error_and_a_rerun_resumes(
         checkpoint, str(inputs), str(output), SEGMENT, InstanceConfig(), slide=SLIDE_CONFIG
     )
     assert summary.exit_code == 0
+    assert (output / "fine.labels.tif").is_file()  # the image beside it: the image path
     second = summary_of(output, "damaged")
     assert second["status"] == "ok"
     assert second["regions_computed"] == 1 and second["regions_resumed"] == 1
@@ -385,3 +384,19 @@ def test_gzipped_geojson_holds_slide_wide_labels(tmp_path):
     assert [feature["properties"]["measurements"]["label"] for feature in features] == [6, 7]
     assert features[1]["properties"]["measurements"]["area_pixels"] == 300
     shutil.rmtree(plan.parts_uri)
+
+
+def test_parts_of_a_run_with_other_settings_are_not_reused(tmp_path):
+    path = tmp_path / "sparse.tif"
+    write_sparse_slide(path)
+    plan = slides.plan_slide(str(path), str(tmp_path / "out"), SLIDE_CONFIG, SEGMENT)
+    signature = slides.parts_signature(plan, "ckpt", SEGMENT, InstanceConfig())
+    slides.claim_parts(plan, signature)
+    part = Path(slides.part_uri(plan, "r0000_c0000"))
+    part.write_bytes(b"a finished region")
+    plan.done = ["r0000_c0000"]
+    slides.claim_parts(plan, signature)  # same settings: resumed
+    assert plan.done == ["r0000_c0000"] and part.exists()
+    slides.claim_parts(plan, slides.parts_signature(plan, "ckpt", SEGMENT, InstanceConfig(0.6)))
+    assert plan.done == [] and not part.exists()
+    assert (Path(plan.parts_uri) / "signature.json").is_file()

@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -414,6 +415,7 @@ def assemble_slide(plan, summary: dict[str, Any]) -> int:
     """Write all outputs of one slide from its parts; returns the slide's nuclei count."""
     from unet_ray.slides import STATUS_OK
 
+    started = time.perf_counter()
     parts = PartCache(plan)
     offsets = region_offsets(plan, parts)
     nuclei = offsets.pop("__total__")
@@ -427,6 +429,8 @@ def assemble_slide(plan, summary: dict[str, Any]) -> int:
         write_overlay(plan, levels, local["overlay"])
         write_geojson(plan, parts, offsets, local["geojson"], gzipped)
         write_table(plan, parts, offsets, local["nuclei"])
+        summary = {**summary, "seconds": dict(summary["seconds"])}
+        summary["seconds"]["assemble_s"] = round(time.perf_counter() - started, 3)
         document = {
             "input": plan.uri,
             "status": STATUS_OK,

@@ -988,6 +988,7 @@ def segment_slides(
     rows: list[dict[str, Any]] = []
     plans: list[SlidePlan] = []
     started: dict[str, float] = {}
+    planning: dict[str, float] = {}  # seconds the driver spent on each slide's overview
     for uri in uris:
         started[uri] = time.perf_counter()
         previous = None if segment.overwrite else read_summary(output_uri, stem_of(uri))
@@ -1000,6 +1001,7 @@ def segment_slides(
             plan = plan_slide(uri, output_uri, slide, segment, model_mpp)
             claim_parts(plan, parts_signature(plan, checkpoint, segment, instances))
             plans.append(plan)
+            planning[uri] = round(time.perf_counter() - started[uri], 3)
         except Exception as error:
             logger.warning("cannot plan slide %s: %s", uri, error)
             rows.append(manifest_row(uri, STATUS_ERROR, describe_error(error)))
@@ -1008,6 +1010,7 @@ def segment_slides(
 
     def on_slide_done(plan: SlidePlan, region_rows: list[dict[str, Any]]) -> None:
         summary = summarise_regions(plan, region_rows)
+        summary["seconds"]["plan_s"] = planning[plan.uri]
         if summary["regions_failed"]:
             write_error_summary(plan, summary)
             rows.append(
