@@ -143,6 +143,19 @@ def test_regions_partition_the_frame_and_clip_their_windows():
     assert last.window == slides.Box(448, 600, 704, 1000)
 
 
+def test_segment_command_takes_the_slide_flags():
+    from unet_ray.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["segment", "ckpt", "in", "out", "--mpp", "0.5", "--region", "2048", "--no-tissue-mask"]
+    )
+    assert slides.slide_config_from_args(args) == slides.SlideConfig(
+        region=2048, halo=slides.DEFAULT_HALO, mpp=0.5, tissue_mask=False
+    )
+    defaults = slides.slide_config_from_args(build_parser().parse_args(["segment", "c", "i", "o"]))
+    assert defaults == slides.SlideConfig()
+
+
 def test_bad_slide_flags_name_the_fix():
     with pytest.raises(ValueError, match="multiple of 256; try 512"):
         slides.check_slide_config(slides.SlideConfig(region=500), SegmentConfig())
@@ -230,6 +243,8 @@ def test_tissue_mask_keeps_only_regions_with_tissue(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # sets up the module's job: brief training, Ray, four regions
 def test_job_counts_regions_time_and_memory(job):
     summary, output = job
     rows = read_manifest(output)
@@ -240,6 +255,7 @@ def test_job_counts_regions_time_and_memory(job):
     steps = {"plan_s", "read_s", "infer_s", "post_s", "write_s", "assemble_s"}
     assert set(seams["seconds"]) == steps
     assert seams["seconds"]["infer_s"] > 0
+    assert seams["nuclei_cut_by_halo"] == 0
     assert all(peak > 100 for peak in seams["peak_rss_mb_by_actor"].values())
     assert not (output / "seams.parts").exists()  # parts removed once assembled
 
@@ -307,6 +323,8 @@ def test_rerun_skips_complete_slides(job, checkpoint, slide_folder):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # two jobs
 def test_a_failing_region_marks_its_slide_error_and_a_rerun_resumes(
     ray_local, checkpoint, tmp_path
 ):
