@@ -27,7 +27,7 @@ sys.path.insert(0, str(BENCHMARKS_DIR))
 import recipe  # noqa: E402  (the recipe benchmark's data sets and training)
 
 DEFAULT_JSON = BENCHMARKS_DIR / "heads_results.json"
-HEADS = ("mask", "mask+contour")
+HEADS = ("mask+contour", "mask")
 
 
 def settings(quick: bool) -> dict:
@@ -38,21 +38,49 @@ def settings(quick: bool) -> dict:
     }
 
 
+def score_kept(root: Path, held_out: dict[str, str]) -> list[dict]:
+    """Score the best checkpoints a ``--keep`` run left in ``root`` again (e.g. after a change
+    of the post-processing), with the instance settings saved in each."""
+    from unet_ray.evaluate import evaluate_checkpoint
+
+    rows = []
+    for head in HEADS:
+        for style, folder in held_out.items():
+            metrics = evaluate_checkpoint(str(root / head / "best"), folder, split="all")
+            rows.append(
+                {
+                    "recipe": head,
+                    "style": style,
+                    **{key: round(metrics[key], 4) for key in ("pixel_f1", "dsb_score", "f1_50")},
+                    "n_images": metrics["n_images"],
+                }
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (a smoke test)")
     parser.add_argument("--json", default=str(DEFAULT_JSON))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", help="train in this folder and keep the runs")
+    parser.add_argument("--score-only", action="store_true", help="score the --keep folder's runs")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    rows = []
     with tempfile.TemporaryDirectory(prefix="unet_ray_heads_") as folder:
-        root = Path(folder)
+        root = Path(args.keep or folder)
         source, held_out = recipe.write_sets(root, args.seed)
-        for head in HEADS:
-            overrides = {**settings(args.quick), "model": {"head": head}}
-            rows += recipe.train_and_score(head, overrides, source, held_out, root)
-    print(recipe.format_table(rows).replace("| recipe |", "| head |", 1))
+        if args.score_only:
+            rows = score_kept(root, held_out)
+        else:
+            rows = []
+            for head in HEADS:
+                overrides = {**settings(args.quick), "model": {"head": head}}
+                rows += recipe.train_and_score(head, overrides, source, held_out, root)
+    columns = [key for key in rows[0] if key != "recipe"]
+    print("| head | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1))
+    for row in rows:
+        print(f"| {row['recipe']} | " + " | ".join(str(row[key]) for key in columns) + " |")
     Path(args.json).write_text(json.dumps({"quick": args.quick, "rows": rows}, indent=2))
     print(f"wrote {args.json}")
     return 0

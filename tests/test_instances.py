@@ -93,6 +93,21 @@ def test_ground_truth_maps_of_synthetic_clusters_are_recovered():
     assert np.mean(scores["mask"]) >= 0.35
 
 
+def test_a_faint_contour_channel_parts_nuclei_as_well_as_a_confident_one():
+    """A young model's contour probabilities peak far below 1 (a thin, rare class); the interior
+    is taken relative to the map's own peak, so the same nuclei come out."""
+    true, _ = place_nuclei(np.random.default_rng(5), 192, 192, "he")
+    nucleus, contour = maps_from_truth(true)
+    confident = instance_labels(nucleus, contour)
+    for faintness in (0.6, 0.3):
+        faint = instance_labels(nucleus, contour * faintness)
+        np.testing.assert_array_equal(faint, confident)
+    assert dsb_image_score(true, confident) >= 0.9
+    # no contour at all: nothing is parted, the blobs come out whole
+    blobs = ndimage.label(nucleus > 0.5, structure=np.ones((3, 3)))[1]
+    assert instance_labels(nucleus, np.zeros_like(contour)).max() <= blobs
+
+
 def test_min_size_removes_specks_and_the_mask_is_the_union_of_the_labels():
     true = discs((48, 48, 10))
     mask = true > 0

@@ -111,7 +111,10 @@ def add_instance_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("instances (default: the checkpoint's values)")
     group.add_argument("--threshold", type=float, help="nucleus probability threshold (0.5)")
     group.add_argument(
-        "--contour-threshold", type=float, help="mask+contour: contour probability parting nuclei"
+        "--contour-threshold",
+        type=float,
+        help="mask+contour: nuclei part where the contour probability reaches this fraction of "
+        "its peak in the image (0.5)",
     )
     group.add_argument(
         "--core-ratio",

@@ -67,7 +67,9 @@ class InstanceConfig:
     the checkpoint, serves validation, `unet-ray evaluate` and `unet-ray segment`."""
 
     threshold: float = 0.5  # nucleus probability above which a pixel is nucleus
-    contour_threshold: float = 0.5  # mask+contour head: contour probability that parts nuclei
+    contour_threshold: float = (
+        0.5  # mask+contour head: parts nuclei at this fraction of the contour peak
+    )
     core_ratio: float = 0.85  # mask head: seeds where distance >= ratio * largest distance nearby
     min_size: int = 16  # objects smaller than this many pixels are dropped
     min_seed_size: int = 4  # seeds smaller than this many pixels are ignored
