@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# Two pytest sessions, each with one Ray: the suite (one local Ray for all its tests), then the
+# node-loss tests (their own multi-node cluster; tests/conftest.py leaves them out of the first).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 tests
+	status=0; \
+	$(BIN)/python -m pytest -q --durations=15 tests || status=1; \
+	$(BIN)/python -m pytest -q --durations=5 tests/test_node_loss.py || status=1; \
+	exit $$status
 
 # Regenerate constraints.txt from a fresh, unconstrained install of '.[test]' (about 4 min).
 lock:

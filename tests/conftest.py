@@ -33,6 +33,21 @@ _ISOLATED_ENV_KEYS = (
 )
 _saved_env: dict[str, str | None] = {}
 _torch_home: str | None = None
+# Test files that start a Ray cluster of their own: they need a pytest session (a process) of
+# their own, since the suite's session already holds its local Ray. Collected only when named
+# on the command line (`make test` runs them after the main suite).
+OWN_SESSION_FILES = ("test_node_loss.py",)
+
+
+def pytest_ignore_collect(collection_path, config):
+    if collection_path.name not in OWN_SESSION_FILES:
+        return None
+    named = any(collection_path.name in str(arg) for arg in config.args)
+    return None if named else True
+
+
+def pytest_report_header(config):
+    return f"run in sessions of their own: {', '.join(OWN_SESSION_FILES)} (see the Makefile)"
 
 
 def pytest_configure(config):
@@ -157,3 +172,17 @@ def training_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth_training") / "stage1_train"
     write_synthetic_dataset(root, count=6, seed=7, min_side=64, max_side=128)
     return root
+
+
+TRAINING_TILE = 64  # tile and crop side of the Ray Train and Tune tests
+
+
+@pytest.fixture(scope="session")
+def training_prepared(ray_local, training_root, tmp_path_factory) -> str:
+    """``training_root`` prepared once (64-px tiles, a quarter of the images for validation) for
+    every training and search test of the session; they only read it."""
+    from unet_ray.data import prepare_dataset
+
+    output = str(tmp_path_factory.mktemp("training_prepared"))
+    prepare_dataset(str(training_root), output, tile_size=TRAINING_TILE, val_fraction=0.25, seed=0)
+    return output

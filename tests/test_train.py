@@ -17,7 +17,6 @@ from unet_ray import io
 from unet_ray.checkpoint import load_model
 from unet_ray.cli import build_parser, config_from_args, main
 from unet_ray.config import Config
-from unet_ray.data import prepare_dataset
 from unet_ray.train import registered_epochs, run_training
 
 pytestmark = pytest.mark.ray
@@ -25,11 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 TILE = 64
 
 
-@pytest.fixture(scope="module")
-def prepared(ray_local, training_root, tmp_path_factory) -> str:
-    output = str(tmp_path_factory.mktemp("prepared"))
-    prepare_dataset(str(training_root), output, tile_size=TILE, val_fraction=0.25, seed=0)
-    return output
+@pytest.fixture
+def prepared(training_prepared) -> str:
+    return training_prepared
 
 
 def make_config(prepared: str, output, **train) -> Config:
