@@ -190,6 +190,27 @@ def test_pyramid_level_is_read_when_coarser_mpp_is_asked(tmp_path):
     assert np.array_equal(window, level_one[10:100, 20:90])
 
 
+def test_aperio_svs_is_a_slide_with_its_resolution(tmp_path):
+    """An SVS (Aperio's TIFF layout: ImageDescription with ``|MPP = ...``) as tifffile writes
+    one; read through tiffslide's Aperio support, always the slide path."""
+    pixels = seam_patch().pixels
+    path = tmp_path / "case.svs"
+    description = "Aperio Image Library v12.0.15\n512x512 (256x256) RGB|AppMag = 20|MPP = 0.4990"
+    tifffile.imwrite(
+        path,
+        pixels,
+        tile=(256, 256),
+        photometric="rgb",
+        compression="zlib",
+        description=description,
+    )
+    assert slides.is_slide(str(path), region=4096)  # the suffix decides, whatever the size
+    reader = slides.SlideReader(str(path))
+    assert reader.mpp == pytest.approx(0.499)
+    box = slides.Box(10, 110, 300, 500)
+    assert np.array_equal(slides.read_frame_window(reader, box, 1.0), pixels[10:110, 300:500])
+
+
 def test_mpp_without_a_slide_resolution_is_a_clear_error(tmp_path):
     path = str(tmp_path / "no_mpp.tif")
     write_synthetic_slide(path, 512, 512, [seam_patch()], mpp=None)
