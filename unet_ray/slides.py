@@ -569,7 +569,11 @@ class SlideRegionActor:
     """A Ray Data actor: one model; each call segments a batch of regions (JSON tasks)."""
 
     def __init__(
-        self, checkpoint: str, segment: dict[str, Any], instances: dict[str, Any], threads: int = 1
+        self,
+        checkpoint: str,
+        segment: dict[str, Any],
+        instances: dict[str, Any],
+        threads: float = 1,
     ):
         import torch
 
@@ -579,8 +583,8 @@ class SlideRegionActor:
         self.segment = SegmentConfig(**segment)
         self.instances = InstanceConfig(**instances)
         self.device = select_device(self.segment.use_gpu)
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+        if self.device == "cpu":  # a fractional CPU share rounds to whole threads
+            torch.set_num_threads(max(1, min(round(threads), os.cpu_count() or 1)))
         model, _ = load_model(checkpoint, device=self.device)
         self.predict_batch = make_batch_predictor(model, self.device)
         self.readers: dict[str, SlideReader] = {}
