@@ -84,6 +84,7 @@ PART_OF_PREFIX = {
     "infer_": "flops",
     "segment_": "segment",
     "augment_": "augment",
+    "instances_": "instances",
     "slides_": "slides",
 }
 FLOPS_KEYS = ("train_flops_fraction_of_peak",)  # starts with train_ but belongs to flops
