@@ -30,10 +30,10 @@ DEFAULT_JSON = BENCHMARKS_DIR / "heads_results.json"
 HEADS = ("mask+contour", "mask")
 
 
-def settings(quick: bool) -> dict:
+def settings(quick: bool, max_lr: float) -> dict:
     epochs, steps = (2, 3) if quick else (8, 10)
     return {
-        "train": {"epochs": epochs, "min_steps_per_epoch": steps},
+        "train": {"epochs": epochs, "min_steps_per_epoch": steps, "max_lr": max_lr},
         "data": {"image_size": 96},
     }
 
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="shorter runs (a smoke test)")
     parser.add_argument("--json", default=str(DEFAULT_JSON))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-lr", type=float, default=recipe.MAX_LR)
     parser.add_argument("--keep", help="train in this folder and keep the runs")
     parser.add_argument("--score-only", action="store_true", help="score the --keep folder's runs")
     args = parser.parse_args(argv)
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rows = []
             for head in HEADS:
-                overrides = {**settings(args.quick), "model": {"head": head}}
+                overrides = {**settings(args.quick, args.max_lr), "model": {"head": head}}
                 rows += recipe.train_and_score(head, overrides, source, held_out, root)
     columns = [key for key in rows[0] if key != "recipe"]
     print("| head | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1))
