@@ -105,7 +105,7 @@ def test_tiny_overfit_reaches_high_validation_dice(ray_local, tmp_path):
             },
             "train": {
                 "output": str(tmp_path / "run"),
-                "epochs": 6,
+                "epochs": 5,  # above 0.9 from epoch 3 or 4 on in trial runs
                 "batch_size": 6,
                 "workers": 1,
                 "scheduler": "constant",
