@@ -102,7 +102,7 @@ class Command:
 
 
 @pytest.mark.timeout(TIMEOUT_S + 120)
-def test_two_commands_side_by_side_each_on_its_own_ray(training_root, tmp_path, ray_local):
+def test_two_commands_side_by_side_each_on_its_own_ray(training_prepared, tmp_path, ray_local):
     """Issue 12: with 2 local CPUs a trial's driver (0.01), its Train worker (1) and its Ray Data
     read task (1) never fit at once and the search hung forever; it must finish. Issue 15: beside
     the session's Ray, a search and a training run start a local Ray each; Ray Train's
@@ -113,13 +113,13 @@ def test_two_commands_side_by_side_each_on_its_own_ray(training_root, tmp_path, 
     config_file.write_text(SEARCH_YAML)
     search_command = [
         sys.executable, "-c", TWO_CORE_TUNE, "tune",
-        "--config", str(config_file), "--data", str(training_root), "--output", "search",
+        "--config", str(config_file), "--data", training_prepared, "--output", "search",
         "--image-size", str(TILE), "--tile-size", str(TILE), "--workers", "1",
         "--encoder-weights", "none", "--min-steps-per-epoch", "1", "--warmup-epochs", "0",
         "--num-samples", "2", "--max-epochs", "1",
     ]  # fmt: skip
     training_command = [
-        UNET_RAY, "train", "--data", str(training_root), "--output", "run",
+        UNET_RAY, "train", "--data", training_prepared, "--output", "run",
         "--image-size", str(TILE), "--tile-size", str(TILE), "--epochs", "2",
         "--batch-size", "2", "--workers", "1", "--scheduler", "constant",
         "--max-lr", "0.05", "--warmup-epochs", "0", "--min-steps-per-epoch", "1",
@@ -132,12 +132,17 @@ def test_two_commands_side_by_side_each_on_its_own_ray(training_root, tmp_path, 
 
     assert search_code == 0, search_log[-4000:]
     assert training_code == 0, training_log[-4000:]
+    (tmp_path / "search.log").write_text(search_log)
+    (tmp_path / "training.log").write_text(training_log)
     for log in (search_log, training_log):
-        assert not [sign for sign in TRACEBACK_SIGNS if sign in log], log[-4000:]
+        for sign in TRACEBACK_SIGNS:
+            assert sign not in log, log[max(0, log.find(sign) - 2000) : log.find(sign) + 3000]
         assert log.count("Ray's own logs:") == 1  # quiet console: where Ray's logs are, once
+        assert "row/s]" not in log  # no Ray Data progress bar (quiet unless --verbose)
     rows = list(csv.DictReader((tmp_path / "search" / "trials.csv").read_text().splitlines()))
     assert len(rows) == 2 and all(row["error"] == "" for row in rows)
     assert "placement groups: " in search_log and ", 0 still reserved" in search_log
+    assert "Trial status" not in search_log  # Tune's status tables only with --verbose
     # not a terminal: one line per epoch of each trial
     assert search_log.count("[unet_ray] epoch 1/1 ") == 2
 

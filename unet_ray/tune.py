@@ -25,6 +25,8 @@ from unet_ray.train import (
     SCORE_METRIC,
     build_trainer,
     init_ray,
+    is_verbose,
+    quiet_ray_logging,
     required_cpus,
     resolve_training_data,
 )
@@ -121,6 +123,7 @@ def run_trial(trial: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    quiet_ray_logging()  # this trial's Ray Data progress bars and INFO lines, unless verbose
     trial_id = tune.get_context().get_trial_id()
     output = io.join_uri(trial["output"], TRIALS_DIR, trial_id)
     config = trial_config(trial["base"], trial["sampled"], output)
@@ -234,6 +237,9 @@ def build_tuner(config: Config, prepared: str):
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             failure_config=tune.FailureConfig(max_failures=1),
+            # Tune's status tables only with --verbose: the console shows our epoch lines and,
+            # at the end, our table of the trials
+            verbose=None if is_verbose() else 0,
         ),
     )
 
