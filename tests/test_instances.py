@@ -202,3 +202,15 @@ def test_wrong_maps_are_rejected():
         instance_labels(np.zeros((1, *SIZE)))
     with pytest.raises(ValueError, match=r"contour probability map has shape \(48, 48\)"):
         instance_labels(np.zeros(SIZE), np.zeros((48, 48)))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 40), (3, 3), (64, 64), (50, 17)])
+def test_any_map_gives_labels_also_without_background(shape):
+    """Maps of every kind, also all nucleus (no background pixel at all, as in a crop inside a
+    big nucleus), give uint32 labels of the same shape."""
+    rng = np.random.default_rng(0)
+    for nucleus in (np.zeros(shape), np.ones(shape), rng.random(shape)):
+        for contour in (None, rng.random(shape), np.ones(shape)):
+            labels = instance_labels(nucleus.astype(np.float32), contour)
+            assert labels.shape == shape and labels.dtype == np.uint32
+    assert instance_labels(np.ones(shape, np.float32)).max() == int(np.prod(shape) >= 16)

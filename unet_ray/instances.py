@@ -104,6 +104,8 @@ def core_seeds(foreground: np.ndarray, blobs: np.ndarray, count: int, ratio: flo
     ``ratio`` times the largest distance nearby, within the typical nucleus radius (the median of
     the components' largest distances), and at least 1 px."""
     distance = cv2.distanceTransform(foreground.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5)
+    # without any background pixel OpenCV's distances are huge: no nucleus is wider than the map
+    np.minimum(distance, np.float32(max(foreground.shape)), out=distance)
     widest = np.zeros(count, dtype=np.float32)
     np.maximum.at(widest, blobs.ravel(), distance.ravel())
     radius = max(1, int(round(float(np.median(widest[1:])))))
