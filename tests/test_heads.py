@@ -15,7 +15,6 @@ from PIL import Image
 from unet_ray.checkpoint import load_model, read_checkpoint_info
 from unet_ray.cli import main
 from unet_ray.config import Config
-from unet_ray.data import prepare_dataset
 from unet_ray.train import run_training
 
 pytestmark = pytest.mark.ray
@@ -24,10 +23,9 @@ SAVED_INSTANCES = {"threshold": 0.45, "min_size": 9, "core_ratio": 0.8}
 
 
 @pytest.fixture(scope="module")
-def contour_run(ray_local, training_root, tmp_path_factory):
+def contour_run(training_prepared, tmp_path_factory):
     """Two epochs of the two-channel head, with non-default instance settings."""
-    prepared = str(tmp_path_factory.mktemp("prepared_heads"))
-    prepare_dataset(str(training_root), prepared, tile_size=TILE, val_fraction=0.25, seed=0)
+    prepared = training_prepared
     output = tmp_path_factory.mktemp("contour_run")
     config = Config.from_dict(
         {
