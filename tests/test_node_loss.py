@@ -214,10 +214,12 @@ def test_segmentation_survives_losing_the_actors_node(cluster, tmp_path):
             run_segmentation(checkpoint, str(inputs), str(output), segment, InstanceConfig())
         )
     )
+    # the inference actor lives from the job's start to its end: find its node first, so that
+    # a slow state API cannot make the lookup miss a job that is already ending
+    lost = segment_actor_node()
     first = output / output_names("a_first")["overlay"]
     wait_for(lambda: first.exists() or not thread.is_alive(), 600, "the first image's outputs")
     assert not errors, errors
-    lost = segment_actor_node()
     written = {path.name for path in output.iterdir()}
     # mid-job: the large image is not written yet, and no manifest either
     assert output_names("b_large")["overlay"] not in written
