@@ -202,7 +202,7 @@ def test_segmentation_survives_losing_the_actors_node(cluster, tmp_path):
     rng = np.random.default_rng(0)
     # in order: a small image, a large one (seconds of CPU: the actor is busy with it when its
     # node goes), then more small ones
-    sides = {"a_first": 96, "b_large": 1024, "c_next": 96, "d_next": 128, "e_last": 96}
+    sides = {"a_first": 96, "b_large": 2048, "c_next": 96, "d_next": 128, "e_last": 96}
     for name, side in sides.items():
         image, _ = generate_sample(rng, side, side, "fluorescence")
         io.write_bytes_atomic(str(inputs / f"{name}.png"), io.encode_png(image))
