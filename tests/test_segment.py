@@ -140,12 +140,7 @@ def test_both_stages_in_process_write_outputs_and_error_rows(checkpoint, tmp_pat
     write_good_images(tmp_path / "in")
     write_bad_images(tmp_path / "in")
     output = str(tmp_path / "out")
-    actor = SegmentActor(
-        checkpoint,
-        output,
-        dataclasses.asdict(SegmentConfig()),
-        dataclasses.asdict(InstanceConfig()),
-    )
+    actor = SegmentActor(checkpoint, dataclasses.asdict(SegmentConfig()))
     uris = np.array([str(tmp_path / "in" / "rgb.png"), str(tmp_path / "in" / "notes.png")])
     inferred = actor(batch={"input": uris})
     assert [maps.shape for maps in inferred["probabilities"]] == [(1, 150, 170), (0, 0, 0)]

@@ -180,20 +180,12 @@ class SegmentActor:
     infers their probability maps, which travel on (float16) to ``FinishImages`` so that the
     actor (and its GPU) goes on to the next image while CPU workers post-process and write."""
 
-    def __init__(
-        self,
-        checkpoint: str,
-        output_uri: str,
-        segment: dict[str, Any],
-        instances: dict[str, Any],
-        threads: int = 1,
-    ):
+    def __init__(self, checkpoint: str, segment: dict[str, Any], threads: int = 1):
         import torch
 
         from unet_ray.checkpoint import load_model
 
         self.segment = SegmentConfig(**segment)
-        self.output_uri = output_uri
         self.device = select_device(self.segment.use_gpu)
         if self.device == "cpu":
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
@@ -546,9 +538,7 @@ def build_dataset(
             SegmentActor,
             fn_constructor_kwargs={
                 "checkpoint": checkpoint,
-                "output_uri": output_uri,
                 "segment": dataclasses.asdict(segment),
-                "instances": dataclasses.asdict(instances),
                 "threads": max(1, round(cpus_per_worker)),
             },
             batch_size=1,
