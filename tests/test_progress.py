@@ -9,6 +9,9 @@ import pty
 import struct
 import termios
 
+import select
+import time
+
 import pytest
 
 from unet_ray.progress import PREFIX, Progress, is_terminal, lines_every
@@ -43,6 +46,20 @@ def test_a_line_of_its_own_is_printed_in_either_mode():
     assert len(lines) == 3 and lines[2].startswith(f"{PREFIX} train 2/2 epochs  (")  # the last
 
 
+def read_everything(fd: int, quiet_s: float = 1.0, limit_s: float = 20.0) -> bytes:
+    """All a pseudo-terminal's writer has written: the kernel moves pty output to the reading
+    side asynchronously, so one ``os.read`` right after the writes can return only part of it
+    (it did once on a clean clone). Reads until nothing more arrives for ``quiet_s``."""
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], quiet_s)
+        if not ready:
+            break
+        chunks.append(os.read(fd, 65536))
+    return b"".join(chunks)
+
+
 def test_on_a_terminal_one_bar_with_the_summary_and_lines_above_it():
     main_fd, terminal_fd = pty.openpty()
     rows_columns = struct.pack("HHHH", 24, 120, 0, 0)
@@ -55,7 +72,7 @@ def test_on_a_terminal_one_bar_with_the_summary_and_lines_above_it():
                 progress.update(summary="val_f1 0.5000", line="[unet_ray] epoch 2/3 ...")
                 progress.update(summary="val_f1 0.7000")
             terminal.flush()
-        shown = os.read(main_fd, 65536).decode(errors="replace")
+        shown = read_everything(main_fd).decode(errors="replace")
     finally:
         os.close(main_fd)
         os.close(terminal_fd)
