@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= demo_output
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint lock venv clean benchmark
+.PHONY: demo test drills lint lock venv clean benchmark
 
 venv: $(STAMP)
 
@@ -25,7 +25,25 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=5 tests/test_node_loss.py || status=1; \
 	exit $$status
 
-# Regenerate constraints.txt from a fresh, unconstrained install of '.[test]' (about 4 min).
+# The fault drills, each test DRILL_COUNT times in a row (pytest-repeat), in the same two sessions
+# as `make test`: killed worker, killed driver resuming from S3, interrupted and scripted searches,
+# a failing slide region, job submission, two commands side by side, node loss (about 50 min).
+DRILL_COUNT ?= 5
+DRILL_TESTS := \
+	tests/test_train.py::test_three_workers_survive_a_killed_worker_and_score_every_image_once \
+	tests/test_train.py::test_driver_killed_then_rerun_resumes_from_s3 \
+	tests/test_tune.py::test_asha_stops_the_worse_trial_not_the_dipping_ones \
+	tests/test_tune.py::test_interrupted_search_resumes_and_writes_results \
+	tests/test_slides.py::test_a_failing_region_marks_its_slide_error_and_a_rerun_resumes \
+	tests/test_jobs.py::test_job_submit_smoke_test \
+	tests/test_side_by_side.py::test_two_commands_side_by_side_each_on_its_own_ray
+drills: $(STAMP)
+	status=0; \
+	$(BIN)/python -m pytest -q --count $(DRILL_COUNT) --durations=0 $(DRILL_TESTS) || status=1; \
+	$(BIN)/python -m pytest -q --count $(DRILL_COUNT) --durations=0 tests/test_node_loss.py || status=1; \
+	exit $$status
+
+# Regenerate constraints.txt from a fresh, unconstrained install of '.[test,slides]' (about 4 min).
 lock:
 	bash scripts/lock.sh $(PYTHON)
 

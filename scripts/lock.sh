@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate constraints.txt (`make lock`): the exact version of every package that installing
-# '.[test]' resolves today, unconstrained, in a fresh temporary venv, so that nothing installed
+# '.[test,slides]' resolves today, unconstrained, in a fresh temporary venv, so that nothing installed
 # by hand into .venv leaks into the lock. `make venv` then installs with `-c constraints.txt`.
 # Usage: bash scripts/lock.sh [PYTHON]      (about 4 min; the temporary venv is deleted after)
 set -euo pipefail
@@ -11,7 +11,7 @@ trap 'rm -rf "$work"' EXIT
 
 "$python" -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install --quiet --upgrade pip
-"$work/venv/bin/python" -m pip install --quiet -e '.[test]'
+"$work/venv/bin/python" -m pip install --quiet -e '.[test,slides]'
 platform=$("$work/venv/bin/python" -c 'import platform, sys
 print(f"CPython {sys.version.split()[0]}, {platform.system()} {platform.machine()}")')
 {
