@@ -6,10 +6,9 @@ import fcntl
 import io as text_io
 import os
 import pty
+import select
 import struct
 import termios
-
-import select
 import time
 
 import pytest
