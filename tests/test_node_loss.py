@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_train import make_config  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from unet_ray import io
 from unet_ray.config import Config, InstanceConfig, SegmentConfig
@@ -120,23 +121,7 @@ def test_training_survives_losing_a_worker_node(cluster, training_root, tmp_path
     prepared = str(tmp_path / "prepared")
     prepare_dataset(str(training_root), prepared, tile_size=TILE, val_fraction=0.25, seed=0)
     output, marker = tmp_path / "run", tmp_path / "held"
-    config = Config.from_dict(
-        {
-            "model": {"encoder_weights": "none"},
-            "data": {"source": prepared, "tile_size": TILE, "image_size": TILE},
-            "train": {
-                "output": str(output),
-                "epochs": 2,
-                "batch_size": 4,
-                "workers": 2,
-                "scheduler": "constant",
-                "max_lr": 0.05,
-                "warmup_epochs": 0,
-                "min_steps_per_epoch": 1,
-                "max_failures": 1,
-            },
-        }
-    )
+    config = make_config(prepared, output, max_failures=1)  # test_train's small run
     # training runs in a thread; this (main) thread changes the cluster, as Ray's Cluster
     # must (starting a node installs signal handlers)
     runs: list = []
