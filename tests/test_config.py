@@ -84,6 +84,27 @@ def test_relative_paths_are_resolved_against_the_working_directory(tmp_path, mon
     assert config.model.encoder_weights == "imagenet"  # the default, not a path
 
 
+def test_a_search_without_output_writes_to_runs_tune_in_the_working_directory(
+    tmp_path, monkeypatch
+):
+    """Every trial of a search runs in a folder of Ray Tune's own, so the default output must be
+    absolute before the search starts (a relative one made every trial fail)."""
+    from unet_ray.tune import tune_config_from_args
+
+    monkeypatch.chdir(tmp_path)
+
+    def tune_output(*flags: str) -> str:
+        args = build_parser().parse_args(["tune", *flags])
+        return tune_config_from_args(args, config_from_args(args)).train.output
+
+    assert tune_output() == str(tmp_path / "runs" / "tune")
+    (tmp_path / "plain.yaml").write_text("train:\n  epochs: 3\n")
+    assert tune_output("--config", "plain.yaml") == str(tmp_path / "runs" / "tune")
+    (tmp_path / "named.yaml").write_text("train:\n  output: searches/a\n")
+    assert tune_output("--config", "named.yaml") == str(tmp_path / "searches" / "a")
+    assert tune_output("--config", "named.yaml", "--output", "b") == str(tmp_path / "b")
+
+
 @pytest.mark.parametrize(
     ("batch", "workers", "suggestion"), [(10, 4, "8 or 12"), (3, 2, "2 or 4"), (2, 3, "3")]
 )

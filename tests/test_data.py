@@ -478,8 +478,12 @@ def test_training_datasets_have_the_batch_format_and_new_augmentations_each_pass
     assert tuple(batch["mask"].shape[1:]) == (1, 32, 32)
     assert str(batch["labels"].dtype) == "torch.int32"
     assert bool(((batch["labels"] > 0).float() == batch["mask"][:, 0]).all())
-    crops = [image.numpy().tobytes() for b in batches for image in b["image"]]
-    assert len(set(crops)) == len(crops)  # every crop and transformation drawn anew each pass
+    # every crop and transformation drawn anew each pass; a crop of blank background is the
+    # same whatever is drawn (two all-black crops failed this once in 12 runs), so not those
+    images = [image for b in batches for image in b["image"]]
+    crops = [image.numpy().tobytes() for image in images if image.max() > image.min()]
+    assert len(crops) >= len(images) // 2
+    assert len(set(crops)) == len(crops)
 
 
 @pytest.mark.ray

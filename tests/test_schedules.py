@@ -85,3 +85,27 @@ def test_mid_cycle_warning(scheduler, epochs, restart_epochs, cycle_epochs, warn
 def test_warm_restart_needs_epochs_when_sized_to_the_run():
     with pytest.raises(ValueError, match="needs the run's epochs"):
         learning_rate("warm-restart", 1.0, 0.4, 0.0, 0, 4)
+
+
+def test_the_first_warm_up_step_learns():
+    """Each step takes the rate at its end: a one-step epoch under a one-epoch warm-up runs at
+    the full rate, and the weights move (at the rate at its start, 0, they would not)."""
+    import torch
+
+    from unet_ray.config import Config
+    from unet_ray.losses import build_loss
+    from unet_ray.train import train_one_epoch
+
+    torch.manual_seed(0)
+    config = Config.from_dict(
+        {"train": {"scheduler": "constant", "max_lr": 0.1, "warmup_epochs": 1.0}}
+    )
+    model = torch.nn.Conv2d(3, 1, 1)
+    before = model.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    batch = {"image": torch.rand(2, 3, 8, 8), "mask": (torch.rand(2, 1, 8, 8) > 0.5).float()}
+    loss, lr = train_one_epoch(
+        model, optimizer, build_loss("bce"), iter([batch]), config, 0, 1, torch.device("cpu")
+    )
+    assert lr == pytest.approx(0.1) and loss > 0
+    assert not torch.equal(model.weight.detach(), before)

@@ -197,3 +197,29 @@ def _wait_for(condition, seconds: float) -> None:
             return
         time.sleep(0.2)
     raise TimeoutError(f"condition not met in {seconds} s")
+
+
+def test_gpu_training_without_gpus_is_a_usage_error_on_local_ray(
+    prepared, ray_local, tmp_path, capsys
+):
+    """`--gpu` on a machine without GPUs: exit 2 naming the GPUs asked for and found, before any
+    training (Ray Train would wait for them forever); a cluster that may still add GPU nodes
+    only warns."""
+    from unet_ray.config import TrainConfig
+    from unet_ray.train import check_gpus
+
+    assert ray_local.cluster_resources().get("GPU", 0) == 0  # this machine has none
+    output = tmp_path / "run"
+    flags = ["--data", prepared, "--output", str(output), "--image-size", str(TILE)]
+    flags += ["--tile-size", str(TILE), "--encoder-weights", "none", "--workers", "1"]
+    assert main(["train", *flags, "--gpu"]) == 2
+    error = capsys.readouterr().err
+    assert "--gpu needs one GPU per worker, 1 in all, but the Ray cluster has 0" in error
+    assert not (output / "metrics.csv").exists()
+
+    two = TrainConfig(use_gpu=True, workers=2)
+    check_gpus(two, {"GPU": 2.0}, on_cluster=False)  # enough: nothing to say
+    check_gpus(TrainConfig(), {}, on_cluster=False)  # CPU training needs none
+    with pytest.raises(ValueError, match="one GPU per worker, 2 in all, but the Ray cluster has 1"):
+        check_gpus(two, {"GPU": 1.0}, on_cluster=False)
+    check_gpus(two, {"GPU": 1.0}, on_cluster=True)  # a cluster may grow: a warning only

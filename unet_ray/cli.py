@@ -40,7 +40,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "omitted: synthetic data generated into the output folder",
     )
     parser.add_argument(
-        "--output", help="run folder, local or s3://bucket/prefix (default runs/train)"
+        "--output",
+        help="run folder, local or s3://bucket/prefix (default runs/train; tune: runs/tune)",
     )
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int, help="global batch size, split across workers")

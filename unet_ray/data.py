@@ -458,9 +458,10 @@ def ensure_prepared(
 ) -> str:
     """Prepared shards for ``source``: itself when already prepared; otherwise the raw DSB2018
     dataset is prepared into ``cache_uri`` unless that already holds shards made from the same
-    source, samples, tile size, validation fraction and seed. Returns the shards' URI."""
+    source, samples, tile size, validation fraction and seed. Returns the shards' URI, local
+    paths absolute (Ray Tune runs each trial in a folder of its own)."""
     if is_prepared(source):
-        return str(source)
+        return normalise_uri(source)
     wanted = {
         "source": normalise_uri(source),
         "tile_size": int(tile_size),
@@ -480,10 +481,10 @@ def ensure_prepared(
         )
         if same_settings and cached_ids == [ref.sample_id for ref in io.list_dsb_samples(source)]:
             logger.info("using prepared shards in %s", cache_uri)
-            return str(cache_uri)
+            return normalise_uri(cache_uri)
     logger.info("preparing %s into %s (tile %d)", source, cache_uri, tile_size)
     prepare_dataset(source, cache_uri, tile_size, val_fraction, seed)
-    return str(cache_uri)
+    return normalise_uri(cache_uri)
 
 
 def load_split(prepared_uri: str, split: str, passes: int = 1, shuffle_files: bool = False):

@@ -78,7 +78,8 @@ def mid_cycle_warning(
 
 
 def warmup_factor(epoch: float, warmup_epochs: float) -> float:
-    """Linear warm-up: from 1/steps at the first step up to 1 at ``warmup_epochs``."""
+    """Linear warm-up: 0 at epoch 0 up to 1 at ``warmup_epochs``. Training takes each step's
+    rate at the step's end (``train.train_one_epoch``), so its first step runs at 1/steps of it."""
     if warmup_epochs <= 0 or epoch >= warmup_epochs:
         return 1.0
     return max(epoch / warmup_epochs, 0.0)

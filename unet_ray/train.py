@@ -23,7 +23,7 @@ import torch
 
 from unet_ray import io
 from unet_ray.checkpoint import CONFIG_FILE, MODEL_FILE, save_checkpoint
-from unet_ray.config import Config
+from unet_ray.config import Config, TrainConfig
 from unet_ray.data import VAL_SPLIT
 from unet_ray.losses import build_loss, head_targets
 from unet_ray.model import use_sync_batchnorm
@@ -286,7 +286,9 @@ def train_one_epoch(
     total_loss, lr = 0.0, config.train.max_lr
     for step in range(steps_per_epoch):
         batch = next(batches)
-        lr = config_learning_rate(config.train, epoch + step / steps_per_epoch)
+        # the rate at the step's end: the warm-up's first step learns (1/steps of the rate) and
+        # the run's last step takes the schedule's last, lowest value
+        lr = config_learning_rate(config.train, epoch + (step + 1) / steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         with _autocast(device):
@@ -858,6 +860,23 @@ def ray_log_folder() -> str:
         return os.path.join(tempfile.gettempdir(), "ray", "session_latest", "logs")
 
 
+def check_gpus(train: TrainConfig, cluster: dict[str, float], on_cluster: bool) -> None:
+    """``--gpu`` asks one GPU per worker. Local Ray has what this machine has, so too few is a
+    usage error (Ray Train would wait for them forever); a cluster may still add GPU nodes
+    (autoscaling), so there it is a warning."""
+    if not train.use_gpu:
+        return
+    gpus = cluster.get("GPU", 0)
+    if gpus >= train.workers:
+        return
+    message = (
+        f"--gpu needs one GPU per worker, {train.workers} in all, but the Ray cluster has {gpus:g}"
+    )
+    if not on_cluster:
+        raise ValueError(f"{message}: drop --gpu or lower --workers")
+    logger.warning("%s: training waits until the cluster has them", message)
+
+
 def run_training(config: Config, fault_injection: dict[str, Any] | None = None) -> TrainResult:
     """Train, or resume when OUTPUT already holds a run (same command, same --output)."""
     import ray
@@ -865,6 +884,9 @@ def run_training(config: Config, fault_injection: dict[str, Any] | None = None) 
     io.check_writable(config.train.output)  # a bad OUTPUT is exit 2 before any work
     config = prepare_run_config(config)
     init_ray(required_cpus(config))
+    check_gpus(
+        config.train, ray.cluster_resources(), on_cluster=bool(os.environ.get("RAY_ADDRESS"))
+    )
     available = ray.cluster_resources().get("CPU", 0)
     if available < required_cpus(config):
         logger.warning(

@@ -63,11 +63,26 @@ class TuneSummary:
     best_config: Config
 
 
+DEFAULT_OUTPUT = "runs/tune"  # relative to the user's working directory
+
+
+def config_file_sets_output(args: argparse.Namespace) -> bool:
+    """Whether the --config file names ``train.output`` (then a search writes there; otherwise
+    into ``runs/tune``, never into a training run's default ``runs/train``)."""
+    path = getattr(args, "config", None)
+    if path is None:
+        return False
+    with open(os.path.expanduser(path)) as handle:
+        values = yaml.safe_load(handle) or {}
+    return bool((values.get("train") or {}).get("output"))
+
+
 def tune_config_from_args(args: argparse.Namespace, config: Config) -> Config:
     """Apply `unet-ray tune`'s own flags; the train flags were applied by ``config_from_args``."""
     values = config.to_dict()
-    if getattr(args, "output", None) is None and getattr(args, "config", None) is None:
-        values["train"]["output"] = "runs/tune"
+    if getattr(args, "output", None) is None and not config_file_sets_output(args):
+        # absolute now: every trial runs in a folder of Tune's own (Ray chdirs into it)
+        values["train"]["output"] = os.path.abspath(DEFAULT_OUTPUT)
     for attribute, field_name in (
         ("num_samples", "num_samples"),
         ("max_epochs", "max_epochs"),
