@@ -1,13 +1,16 @@
 """Whole-slide images: window reading (local, S3), --mpp, tissue mask, region geometry, and the
 Ray job through `run_segmentation` on small synthetic pyramidal slides (region 256): seams against
-whole-image segmentation, pyramidal OME-TIFF / GeoJSON / Parquet / overlay outputs, a corrupt
-region recorded and then resumed."""
+whole-image segmentation, pyramidal OME-TIFF / GeoJSON / Parquet / overlay outputs, inference and
+post-processing in separate processes at once, a corrupt region and a region whose part cannot be
+written recorded and then resumed."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -260,6 +263,72 @@ def test_tissue_mask_keeps_only_regions_with_tissue(tmp_path):
     assert slides.tissue_mask(gray) is None  # no colour contrast: nothing is skipped
 
 
+def test_post_beside_inference_counts_only_the_same_actors_other_regions():
+    def row(actor: str, infer: tuple[float, float], post: tuple[float, float]) -> dict:
+        stamps = dict(zip(slides.STAMP_KEYS, (*infer, *post), strict=True))
+        return {**slides.empty_region_row("s", "r"), **stamps, "actor": actor}
+
+    first = row("a", (0, 10), (10, 14))
+    second = row("a", (12, 20), (20, 21))
+    third = row("a", (11, 13), (14, 15))
+    other = row("b", (0, 30), (30, 31))  # b's inference never counts for a's regions
+    rows = [first, second, third, other]
+    # first's post 10-14 beside a's inference of third (11-13) and second (12-20): 11-14
+    assert slides.post_beside_inference([first], rows) == pytest.approx(3)
+    assert slides.post_beside_inference([second, other], rows) == 0  # a and b idle meanwhile
+    assert slides.post_beside_inference([third], rows) == pytest.approx(1)  # second's 14-15
+    assert slides.union_length([(0, 2), (1, 3), (5, 6)]) == pytest.approx(4)
+
+
+def test_both_stages_in_process_pass_errors_on_and_retry_writing_on_the_same_maps(
+    checkpoint, slide_folder, tmp_path, caplog
+):
+    """Stage 1 infers and writes nothing; stage 2 passes a stage-1 error row on untouched, and
+    retries a part it cannot write on the maps it was given, then records the region failed."""
+    plan = slides.plan_slide(
+        str(slide_folder / "seams.ome.tif"), str(tmp_path / "out"), SLIDE_CONFIG, SEGMENT
+    )
+    tasks = [row["task"] for row in slides.region_tasks([plan])][:2]
+    missing = json.loads(tasks[0])
+    missing["plan"]["uri"] = str(tmp_path / "gone.ome.tif")  # stage 1 cannot open it
+    inference = slides.InferRegions(
+        checkpoint, dataclasses.asdict(SEGMENT), threads=torch.get_num_threads()
+    )
+    inferred = inference({"task": np.array([*tasks, json.dumps(missing)])})
+    assert list(inferred["status"]) == ["ok", "ok", "error"]
+    assert "gone.ome.tif" in inferred["message"][2]
+    window = REGION + HALO  # both top regions of the 512^2 slide: core + halo, clipped
+    assert [maps.shape for maps in inferred["probabilities"]] == [
+        (1, window, window),
+        (1, window, window),
+        (0, 0, 0),
+    ]
+    assert inferred["probabilities"][0].dtype == np.float16
+    spill = REGION + HALO - SEGMENT.overlap
+    assert inferred["spill_image"][0].shape == (spill, spill, 3)
+    assert not Path(plan.parts_uri).exists()  # stage 1 writes nothing
+
+    blocked = Path(slides.part_uri(plan, "r0000_c0001"))
+    (blocked / "in_the_way").mkdir(parents=True)  # its part cannot replace a folder
+    finish = slides.FinishRegions(dataclasses.asdict(InstanceConfig()))
+    with caplog.at_level(logging.WARNING, logger="unet_ray.slides"):
+        result = finish(inferred)
+    assert list(result) == list(slides.RESULT_COLUMNS)
+    assert list(result["status"]) == ["ok", "error", "error"]
+    assert result["nuclei"][0] > 0 and Path(slides.part_uri(plan, "r0000_c0000")).is_file()
+    assert result["message"][1].startswith("labelling or writing its part failed: IsADirectory")
+    tries = [record.message for record in caplog.records if "r0000_c0001" in record.message]
+    assert len(tries) == slides.REGION_ATTEMPTS
+    assert all("labelling or writing failed" in message for message in tries)
+    assert result["message"][2] == inferred["message"][2]  # passed on untouched
+    assert result["post_actor"][2] == "" and result["post_actor"][0] != ""
+
+    shutil.rmtree(blocked)  # the same maps, no model: stage 2 alone writes the part now
+    again = finish(inferred)
+    assert list(again["status"]) == ["ok", "ok", "error"]
+    assert again["nuclei"][1] > 0 and blocked.is_file()
+
+
 # ----------------------------------------------------------------------------- the Ray job
 
 
@@ -279,6 +348,19 @@ def test_job_counts_regions_time_and_memory(job):
     assert seams["nuclei_cut_by_halo"] == 0
     assert all(peak > 100 for peak in seams["peak_rss_mb_by_actor"].values())
     assert not (output / "seams.parts").exists()  # parts removed once assembled
+
+
+@pytest.mark.ray
+def test_inference_and_post_processing_run_in_separate_processes_at_once(job):
+    """Each region's maps are labelled and written by a CPU worker, not by the inference actor,
+    and while an actor's last region is post-processed it already infers its next one."""
+    _, output = job
+    seams = summary_of(output, "seams")
+    actors, workers = seams["peak_rss_mb_by_actor"], seams["peak_rss_mb_by_post_worker"]
+    assert actors and workers
+    assert not set(actors) & set(workers)  # node:pid of each: different processes
+    assert all(peak > 0 for peak in workers.values())
+    assert seams["post_beside_inference_s"] > 0
 
 
 @pytest.mark.ray
@@ -384,6 +466,48 @@ def test_a_failing_region_marks_its_slide_error_and_a_rerun_resumes(
     assert second["regions_computed"] == 1 and second["regions_resumed"] == 1
     assert second["regions_done"] == 2 and second["nuclei"] > 0
     assert rows["fine.png"]["status"] == "ok"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # two jobs
+def test_a_region_failing_after_inference_is_recorded_and_a_rerun_resumes(
+    ray_local, checkpoint, tmp_path
+):
+    """A part that cannot be written (a folder is in its way): the post-processing stage fails
+    on every try, the region is recorded, the slide's other region is written; a rerun with
+    the way clear computes only the failed region."""
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    write_sparse_slide(inputs / "blocked.tif")  # tissue in regions (0, 0) and (0, 1)
+    plan = slides.plan_slide(str(inputs / "blocked.tif"), str(output), SLIDE_CONFIG, SEGMENT)
+    slides.claim_parts(plan, slides.parts_signature(plan, checkpoint, SEGMENT, InstanceConfig()))
+    blocked = Path(slides.part_uri(plan, "r0000_c0001"))
+    (blocked / "in_the_way").mkdir(parents=True)  # the job's parts folder, as the job claims it
+    summary = run_segmentation(
+        checkpoint, str(inputs), str(output), SEGMENT, InstanceConfig(), slide=SLIDE_CONFIG
+    )
+    rows = read_manifest(output)
+    assert rows["blocked.tif"]["status"] == "error" and summary.exit_code == 1
+    message = rows["blocked.tif"]["message"]
+    assert message.startswith(
+        "regions: 1 done, 22 skipped (background), 1 failed; region r0000_c0001: "
+        "labelling or writing its part failed: IsADirectoryError"
+    )
+    first = summary_of(output, "blocked")
+    assert first["regions_failed"] == 1 and first["regions_computed"] == 1
+    parts = [path.name for path in (output / "blocked.parts").glob("*.npz") if path.is_file()]
+    assert parts == ["r0000_c0000.npz"]
+    assert not (output / "blocked.labels.ome.tif").exists()
+
+    shutil.rmtree(blocked)
+    summary = run_segmentation(
+        checkpoint, str(inputs), str(output), SEGMENT, InstanceConfig(), slide=SLIDE_CONFIG
+    )
+    assert summary.exit_code == 0
+    second = summary_of(output, "blocked")
+    assert second["status"] == "ok" and second["nuclei"] > 0
+    assert second["regions_computed"] == 1 and second["regions_resumed"] == 1
 
 
 def test_gzipped_geojson_holds_slide_wide_labels(tmp_path):

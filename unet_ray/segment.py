@@ -530,38 +530,65 @@ def build_dataset(
     import ray
 
     items = ray.data.from_items([{"input": uri} for uri in uris], override_num_blocks=len(uris))
-    with warnings.catch_warnings():
-        # Ray 2.60 has no named parameter for max_task_retries yet; without it an image that
-        # kills its actor (out of memory) would be retried forever
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        inferred = items.map_batches(
-            SegmentActor,
-            fn_constructor_kwargs={
-                "checkpoint": checkpoint,
-                "segment": dataclasses.asdict(segment),
-                "threads": max(1, round(cpus_per_worker)),
-            },
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(
-                size=min(segment.workers, len(uris)),
-                max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR,
-            ),
-            num_cpus=cpus_per_worker,
-            num_gpus=1 if segment.use_gpu else 0,
-            max_task_retries=TASK_RETRIES,
-        )
-    return inferred.map_batches(
-        FinishImages,
-        fn_constructor_kwargs={
-            "output_uri": output_uri,
-            "instances": dataclasses.asdict(instances),
+    inferred = actor_stage(
+        items,
+        SegmentActor,
+        {
+            "checkpoint": checkpoint,
+            "segment": dataclasses.asdict(segment),
+            "threads": max(1, round(cpus_per_worker)),
         },
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, finish_workers(segment))),
+        ray.data.ActorPoolStrategy(
+            size=min(segment.workers, len(uris)),
+            max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR,
+        ),
+        num_cpus=cpus_per_worker,
+        num_gpus=1 if segment.use_gpu else 0,
+        max_task_retries=TASK_RETRIES,
+    )
+    return actor_stage(
+        inferred,
+        FinishImages,
+        {"output_uri": output_uri, "instances": dataclasses.asdict(instances)},
+        ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, finish_workers(segment))),
         num_cpus=post_task_cpus(segment.use_gpu),
     )
+
+
+def actor_stage(
+    dataset,
+    actor_class: type,
+    constructor_kwargs: dict[str, Any],
+    pool,
+    num_cpus: float,
+    num_gpus: float | None = None,
+    max_task_retries: int | None = None,
+):
+    """``dataset`` through one stage of ``actor_class`` actors (built with
+    ``constructor_kwargs``, each call one row as numpy columns) on the ``pool``
+    (a ``ray.data.ActorPoolStrategy``).
+
+    ``max_task_retries``: how often a row whose actor died is retried before its block is
+    dropped; None keeps Ray Data's default (forever, with the actor restarted each time).
+    """
+    extra: dict[str, Any] = {}
+    if num_gpus is not None:
+        extra["num_gpus"] = num_gpus
+    if max_task_retries is not None:
+        extra["max_task_retries"] = max_task_retries
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for max_task_retries yet; without it a row that kills
+        # its actor (out of memory) would be retried forever
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return dataset.map_batches(
+            actor_class,
+            fn_constructor_kwargs=constructor_kwargs,
+            batch_size=1,
+            batch_format="numpy",
+            compute=pool,
+            num_cpus=num_cpus,
+            **extra,
+        )
 
 
 def finish_workers(segment: SegmentConfig) -> int:

@@ -9,19 +9,24 @@ The driver opens each slide only for its metadata and a low-resolution *overview
 ``OVERVIEW_MAX_SIDE`` px), finds tissue on it (Otsu on saturation) and cuts the slide, in the
 *frame* (the slide at the resolution segmented, ``--mpp``), into ``--region``-sized cores. Each
 core grows by a halo of context into a *window*; every non-background region is one row of a Ray
-Data job, so one slide spreads over all actors and many slides interleave. An actor reads its
-window (the pyramid level just finer than the frame, resampled), tiles and infers it as the
-whole-image path does, labels the nuclei and keeps those whose centroid lies in its core: each
-nucleus belongs to exactly one region, and is whole when the halo is at least the largest nucleus
-plus the network's context (``halo - overlap`` px across is guaranteed). The kept nuclei (which
-may reach up to ``halo - overlap`` px beyond the core, the *spill*) are written as one region part;
-when every region of a slide is done, ``unet_ray.slide_writers`` assembles the outputs part by
-part. No process holds a slide, its probability map or its labels at full resolution: an actor
-holds one window, the assembler one region-sized block.
+Data job, so one slide spreads over all actors and many slides interleave. The job has two stages
+that Ray Data runs at the same time, as the whole-image job does: an ``InferRegions`` actor (one
+model, GPU when asked) reads its window (the pyramid level just finer than the frame, resampled),
+tiles and infers it as the whole-image path does, and passes the maps on (float16) with the part
+of the image the region's table needs; ``FinishRegions`` workers on CPUs label the nuclei and keep
+those whose centroid lies in the core, so the actor infers the next region meanwhile. Each nucleus
+belongs to exactly one region, and is whole when the halo is at least the largest nucleus plus the
+network's context (``halo - overlap`` px across is guaranteed). The kept nuclei (which may reach up
+to ``halo - overlap`` px beyond the core, the *spill*) are written as one region part; when every
+region of a slide is done, ``unet_ray.slide_writers`` assembles the outputs part by part. No
+process holds a slide, its probability map or its labels at full resolution: an actor holds one
+window and its maps, a post-processing worker one window's maps and labels, the assembler one
+region-sized block.
 
 Resume: a region whose part exists is not recomputed; a slide whose ``<stem>.slide.json`` says
-``ok`` is skipped. A region that fails ``REGION_ATTEMPTS`` times is recorded and its slide marked
-``error`` (its parts stay, so a rerun computes only what is missing).
+``ok`` is skipped. A region that fails ``REGION_ATTEMPTS`` times in either stage (stage 2 retries
+on the maps it was given) is recorded and its slide marked ``error`` (its parts stay, so a rerun
+computes only what is missing).
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ import math
 import os
 import resource
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -57,10 +61,10 @@ TISSUE_DILATION = 2  # overview pixels the tissue mask grows by (edges of small 
 TISSUE_SMOOTHING = 5  # median filter side on the saturation before Otsu (pen dust, noise)
 MPP_MISMATCH_RATIO = 1.5  # warn when segmenting this much finer/coarser than the model learnt
 LEVEL_TOLERANCE = 1.01  # a level up to 1 % coarser than the frame is still read (rounding)
-REGION_ATTEMPTS = 2  # a region is tried this often in its actor before it is recorded failed
+REGION_ATTEMPTS = 2  # tries of a region in each stage before it is recorded failed
 READER_CACHE = 2  # open slides kept per actor (regions of one slide usually arrive together)
 TASKS_IN_FLIGHT_PER_ACTOR = 2
-TASK_RETRIES = 2  # Ray retries of a region whose actor died
+TASK_RETRIES = 2  # Ray retries of a region whose actor (either stage) died
 OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
 TIFF_SUFFIXES = (".tif", ".tiff")
 SLIDE_SUFFIXES = OPENSLIDE_SUFFIXES  # listed as inputs besides io.IMAGE_SUFFIXES
@@ -68,21 +72,29 @@ PARTS_SUFFIX = ".parts"  # <stem>.parts/: one file per finished region
 PARTS_SIGNATURE = "signature.json"  # in the parts folder: the settings its parts were made with
 SUMMARY_SUFFIX = ".slide.json"
 STATUS_OK, STATUS_ERROR, STATUS_SKIPPED = "ok", "error", "skipped"
-RESULT_COLUMNS = (
+RESULT_COLUMNS = (  # one row per region, from stage 2 (FinishRegions) to the driver
     "slide",
     "region",
     "status",
     "message",
     "nuclei",
     "cut",
-    "read_s",
+    "read_s",  # stage 1 (inference actor)
     "infer_s",
-    "post_s",
+    "post_s",  # stage 2 (post-processing worker): labels, owned nuclei, part encoded
     "write_s",
-    "peak_rss_mb",
-    "actor",
+    "infer_start",  # time.time() stamps: stage 1 from reading to the maps
+    "infer_end",
+    "post_start",  # stage 2 from its first try to the part written (or its last failure)
+    "post_end",
+    "peak_rss_mb",  # the inference actor's peak RSS (model, one window and its maps)
+    "actor",  # the inference actor, node:pid
+    "post_peak_rss_mb",  # the post-processing worker's (one region's maps and labels)
+    "post_actor",  # the post-processing worker, node:pid ("" when stage 1 failed)
 )
 TIMING_KEYS = ("read_s", "infer_s", "post_s", "write_s")
+STAMP_KEYS = ("infer_start", "infer_end", "post_start", "post_end")
+NUMBER_COLUMNS = (*TIMING_KEYS, *STAMP_KEYS, "peak_rss_mb", "post_peak_rss_mb")
 
 
 class SlideError(ValueError):
@@ -518,77 +530,118 @@ def part_uri(plan: SlidePlan, key: str) -> str:
     return io.join_uri(plan.parts_uri, f"{key}.npz")
 
 
-def segment_region(
+def infer_region(
     plan: SlidePlan,
     region: Region,
     reader: SlideReader,
     predict_batch: Callable[[np.ndarray], np.ndarray],
     segment: SegmentConfig,
-    instances: InstanceConfig,
 ) -> dict[str, Any]:
-    """Read, infer, label and write the part of one region; its result row (without actor)."""
-    from unet_ray.slide_writers import encode_region_part
+    """Stage 1 of one region: read its window and infer its maps; the row ``FinishRegions``
+    takes (float16 maps, the spill crop of the image for the part's table, timings)."""
+    from unet_ray.segment import MAP_DTYPE
 
-    started = time.perf_counter()
+    started = time.time()
     image = read_frame_window(reader, region.window, plan.scale)
-    read_done = time.perf_counter()
-    probabilities = predict_window(image, predict_batch, segment)
-    infer_done = time.perf_counter()
-    labels = label_nuclei(probabilities, instances)
-    del probabilities
-    kept, cut = keep_owned_nuclei(labels, region, plan.frame_height, plan.frame_width)
-    del labels
-    spill_image = image[region.spill.within(region.window)]
-    part = encode_region_part(kept, spill_image, region, plan.scale)
-    post_done = time.perf_counter()
-    io.write_bytes_atomic(part_uri(plan, region.key), part)
-    nuclei = int(kept.max()) if kept.size else 0
+    read_done = time.time()
+    probabilities = predict_window(image, predict_batch, segment).astype(MAP_DTYPE)
+    infer_done = time.time()
     return {
         "slide": plan.uri,
         "region": region.key,
         "status": STATUS_OK,
         "message": "",
-        "nuclei": nuclei,
-        "cut": int(cut),
         "read_s": read_done - started,
         "infer_s": infer_done - read_done,
-        "post_s": post_done - infer_done,
-        "write_s": time.perf_counter() - post_done,
-        "peak_rss_mb": peak_rss_mb(),
+        "infer_start": started,
+        "infer_end": infer_done,
+        "probabilities": probabilities,
+        "spill_image": np.ascontiguousarray(image[region.spill.within(region.window)]),
     }
 
 
-def failed_region_row(plan_uri: str, key: str, message: str) -> dict[str, Any]:
-    row: dict[str, Any] = {key_: 0.0 for key_ in (*TIMING_KEYS, "peak_rss_mb")}  # one schema
-    row.update(slide=plan_uri, region=key, status=STATUS_ERROR, message=message, actor="")
-    row.update(nuclei=0, cut=0)
+def finish_region(
+    plan: SlidePlan,
+    region: Region,
+    probabilities: np.ndarray,
+    spill_image: np.ndarray,
+    instances: InstanceConfig,
+) -> dict[str, Any]:
+    """Stage 2 of one region: label its maps, keep the nuclei it owns and write its part;
+    nuclei, cut and timings."""
+    from unet_ray.slide_writers import encode_region_part
+
+    started = time.time()
+    labels = label_nuclei(probabilities, instances)
+    kept, cut = keep_owned_nuclei(labels, region, plan.frame_height, plan.frame_width)
+    del labels
+    part = encode_region_part(kept, spill_image, region, plan.scale)
+    post_done = time.time()
+    io.write_bytes_atomic(part_uri(plan, region.key), part)
+    ended = time.time()
+    return {
+        "nuclei": int(kept.max()) if kept.size else 0,
+        "cut": int(cut),
+        "post_s": post_done - started,
+        "write_s": ended - post_done,
+        "post_start": started,
+        "post_end": ended,
+    }
+
+
+def empty_region_row(plan_uri: str, key: str) -> dict[str, Any]:
+    """A result row with every column at its blank value (every block keeps one schema)."""
+    row: dict[str, Any] = {column: 0.0 for column in NUMBER_COLUMNS}
+    row.update(slide=plan_uri, region=key, status=STATUS_OK, message="")
+    row.update(nuclei=0, cut=0, actor="", post_actor="")
     return row
 
 
-class SlideRegionActor:
-    """A Ray Data actor: one model; each call segments a batch of regions (JSON tasks)."""
+def failed_region_row(plan_uri: str, key: str, message: str) -> dict[str, Any]:
+    return {**empty_region_row(plan_uri, key), "status": STATUS_ERROR, "message": message}
 
-    def __init__(
-        self,
-        checkpoint: str,
-        segment: dict[str, Any],
-        instances: dict[str, Any],
-        threads: float = 1,
-    ):
+
+def empty_maps() -> dict[str, np.ndarray]:
+    """The array columns of a row that stage 1 could not fill (every block keeps one schema)."""
+    from unet_ray.segment import MAP_DTYPE
+
+    return {
+        "probabilities": np.zeros((0, 0, 0), dtype=MAP_DTYPE),
+        "spill_image": np.zeros((0, 0, 3), dtype=np.uint8),
+    }
+
+
+def process_name() -> str:
+    """``node:pid`` of this process: names the actor or worker in the result rows."""
+    return f"{os.uname().nodename}:{os.getpid()}"
+
+
+def task_region(task: dict[str, Any]) -> tuple[SlidePlan, Region]:
+    plan = SlidePlan(**task["plan"])
+    return plan, plan.region_by_key()[task["region"]]
+
+
+class InferRegions:
+    """Stage 1, a Ray Data actor: one model, loaded once; each call reads a batch of regions
+    (JSON tasks) and infers their maps, which travel on (float16, with the spill crop of the
+    image) to ``FinishRegions``, so the actor (and its GPU) goes on to the next region while
+    CPU workers label and write. A region is tried ``REGION_ATTEMPTS`` times here; a failure
+    becomes an error row that stage 2 passes on untouched."""
+
+    def __init__(self, checkpoint: str, segment: dict[str, Any], threads: float = 1):
         import torch
 
         from unet_ray.checkpoint import load_model
         from unet_ray.segment import make_batch_predictor, select_device
 
         self.segment = SegmentConfig(**segment)
-        self.instances = InstanceConfig(**instances)
         self.device = select_device(self.segment.use_gpu)
         if self.device == "cpu":  # a fractional CPU share rounds to whole threads
             torch.set_num_threads(max(1, min(round(threads), os.cpu_count() or 1)))
         model, _ = load_model(checkpoint, device=self.device)
         self.predict_batch = make_batch_predictor(model, self.device)
         self.readers: dict[str, SlideReader] = {}
-        self.actor = f"{os.uname().nodename}:{os.getpid()}"
+        self.actor = process_name()
 
     def reader(self, uri: str) -> SlideReader:
         if uri not in self.readers:
@@ -597,33 +650,28 @@ class SlideRegionActor:
             self.readers[uri] = SlideReader(uri)
         return self.readers[uri]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self.run_task(json.loads(str(task))) for task in batch["task"]]
-        return {column: np.array([row[column] for row in rows]) for column in RESULT_COLUMNS}
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from unet_ray.segment import columns_of
 
-    def run_task(self, task: dict[str, Any]) -> dict[str, Any]:
-        """Segment one region, retried ``REGION_ATTEMPTS`` times; a failure becomes a row."""
-        plan = SlidePlan(**task["plan"])
-        region = plan.region_by_key()[task["region"]]
+        return columns_of([self.infer_task(str(task)) for task in batch["task"]])
+
+    def infer_task(self, task_json: str) -> dict[str, Any]:
+        """One region's stage-1 row: the maps, or an error row after ``REGION_ATTEMPTS``."""
+        from unet_ray.segment import describe_error
+
+        plan, region = task_region(json.loads(task_json))
         message = ""
         for attempt in range(1, REGION_ATTEMPTS + 1):
             try:
-                row = segment_region(
-                    plan,
-                    region,
-                    self.reader(plan.uri),
-                    self.predict_batch,
-                    self.segment,
-                    self.instances,
+                inferred = infer_region(
+                    plan, region, self.reader(plan.uri), self.predict_batch, self.segment
                 )
-                row["actor"] = self.actor
-                return row
+                row = {**empty_region_row(plan.uri, region.key), **inferred}
+                break
             except Exception as error:  # one bad region must never abort the dataset
-                from unet_ray.segment import describe_error
-
                 message = describe_error(error)
                 logger.warning(
-                    "%s region %s failed (attempt %d/%d): %s",
+                    "%s region %s: reading or inference failed (attempt %d/%d): %s",
                     plan.uri,
                     region.key,
                     attempt,
@@ -631,10 +679,65 @@ class SlideRegionActor:
                     message,
                 )
                 self.readers.pop(plan.uri, None)  # reopen: the file may have been replaced
-        row = failed_region_row(plan.uri, region.key, message)
-        row["actor"] = self.actor
-        row["peak_rss_mb"] = peak_rss_mb()
+        else:
+            row = {**failed_region_row(plan.uri, region.key, message), **empty_maps()}
+        row.update(task=task_json, actor=self.actor, peak_rss_mb=peak_rss_mb())
         return row
+
+
+class FinishRegions:
+    """Stage 2, Ray Data actors on CPUs: from the maps stage 1 passed on, labels, the nuclei
+    the region owns and its part written; the result row (``RESULT_COLUMNS``). A failure here is
+    retried on the same maps (``REGION_ATTEMPTS`` tries), then becomes an error row; an error
+    row of stage 1 passes untouched."""
+
+    def __init__(self, instances: dict[str, Any]):
+        self.instances = InstanceConfig(**instances)
+        self.worker = process_name()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from unet_ray.segment import columns_of
+
+        rows = []
+        for index in range(len(batch["task"])):
+            rows.append(self.finish_row({column: batch[column][index] for column in batch}))
+        return columns_of(rows)
+
+    def finish_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        from unet_ray.segment import describe_error
+
+        result = {column: row[column] for column in RESULT_COLUMNS}
+        if str(row["status"]) != STATUS_OK:
+            return result
+        plan, region = task_region(json.loads(str(row["task"])))
+        message = ""
+        started = time.time()
+        for attempt in range(1, REGION_ATTEMPTS + 1):
+            try:
+                finished = finish_region(
+                    plan, region, row["probabilities"], row["spill_image"], self.instances
+                )
+                result.update(finished, post_start=started)  # failed tries included
+                break
+            except Exception as error:  # one bad region must never abort the dataset
+                message = describe_error(error)
+                logger.warning(
+                    "%s region %s: labelling or writing failed (attempt %d/%d): %s",
+                    plan.uri,
+                    region.key,
+                    attempt,
+                    REGION_ATTEMPTS,
+                    message,
+                )
+        else:
+            result.update(
+                status=STATUS_ERROR,
+                message=f"labelling or writing its part failed: {message}",
+                post_start=started,
+                post_end=time.time(),
+            )
+        result.update(post_actor=self.worker, post_peak_rss_mb=peak_rss_mb())
+        return result
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -846,30 +949,43 @@ def build_region_dataset(
     tasks: list[dict[str, str]],
     segment: SegmentConfig,
     instances: InstanceConfig,
-    cpus_per_worker: int,
+    cpus_per_worker: float,
 ):
+    """One row per region task: stage 1, a pool of ``InferRegions`` actors (GPU when asked),
+    reads and infers; stage 2, ``FinishRegions`` on CPUs (sized as the whole-image job's
+    ``FinishImages``), labels, writes the parts and gives the result rows. Ray Data streams rows
+    from one stage to the next, so both run at once."""
     import ray
 
+    from unet_ray.segment import actor_stage, finish_workers, post_task_cpus
+
     items = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return items.map_batches(
-            SlideRegionActor,
-            fn_constructor_kwargs={
-                "checkpoint": checkpoint,
-                "segment": dataclasses.asdict(segment),
-                "instances": dataclasses.asdict(instances),
-                "threads": cpus_per_worker,
-            },
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(
-                size=min(segment.workers, len(tasks)),
-                max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR,
-            ),
-            num_cpus=cpus_per_worker,
-            num_gpus=1 if segment.use_gpu else 0,
-            max_task_retries=TASK_RETRIES,
-        )
+    inferred = actor_stage(
+        items,
+        InferRegions,
+        {
+            "checkpoint": checkpoint,
+            "segment": dataclasses.asdict(segment),
+            "threads": cpus_per_worker,
+        },
+        ray.data.ActorPoolStrategy(
+            size=min(segment.workers, len(tasks)),
+            max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR,
+        ),
+        num_cpus=cpus_per_worker,
+        num_gpus=1 if segment.use_gpu else 0,
+        max_task_retries=TASK_RETRIES,
+    )
+    return actor_stage(
+        inferred,
+        FinishRegions,
+        {"instances": dataclasses.asdict(instances)},
+        ray.data.ActorPoolStrategy(
+            min_size=1, max_size=max(1, min(finish_workers(segment), len(tasks)))
+        ),
+        num_cpus=post_task_cpus(segment.use_gpu),
+        max_task_retries=TASK_RETRIES,
+    )
 
 
 def run_region_job(
@@ -921,21 +1037,18 @@ def run_region_job(
             missing = [
                 key for key in plan.to_segment if key not in set(plan.done) and key not in reported
             ]
-            message = stopped or "its actor died (out of memory?) on every try"
+            message = stopped or (
+                "its inference actor or post-processing worker died (out of memory?) on every try"
+            )
             results[uri] += [failed_region_row(uri, key, message) for key in missing]
             on_slide_done(plan, results[uri])
 
 
 def summarise_regions(plan: SlidePlan, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts, failures, time split and per-actor peak memory of one slide's run."""
+    """Counts, failures, time split, per-process peak memory of one slide's run, and how much of
+    its post-processing ran while its inference actor was already on another region."""
     failed = [row for row in rows if row["status"] != STATUS_OK]
     computed = [row for row in rows if row["status"] == STATUS_OK]
-    peaks: dict[str, float] = {}
-    for row in rows:
-        if row["actor"]:
-            peaks[str(row["actor"])] = max(
-                peaks.get(str(row["actor"]), 0.0), float(row["peak_rss_mb"])
-            )
     return {
         "regions": len(plan.to_segment) + len(plan.skipped),
         "regions_done": len(plan.to_segment) - len(failed),
@@ -946,8 +1059,46 @@ def summarise_regions(plan: SlidePlan, rows: list[dict[str, Any]]) -> dict[str, 
         "failures": {str(row["region"]): str(row["message"]) for row in failed},
         "nuclei_cut_by_halo": int(sum(int(row["cut"]) for row in computed)),
         "seconds": {key: round(sum(float(row[key]) for row in computed), 3) for key in TIMING_KEYS},
-        "peak_rss_mb_by_actor": {actor: round(peak, 1) for actor, peak in peaks.items()},
+        "post_beside_inference_s": round(post_beside_inference(computed, rows), 3),
+        "peak_rss_mb_by_actor": peaks_by_process(rows, "actor", "peak_rss_mb"),
+        "peak_rss_mb_by_post_worker": peaks_by_process(rows, "post_actor", "post_peak_rss_mb"),
     }
+
+
+def peaks_by_process(rows: list[dict[str, Any]], name: str, peak: str) -> dict[str, float]:
+    """{process: its highest ``peak`` column} over the rows it named in column ``name``."""
+    peaks: dict[str, float] = {}
+    for row in rows:
+        if row[name]:
+            process = str(row[name])
+            peaks[process] = max(peaks.get(process, 0.0), float(row[peak]))
+    return {process: round(value, 1) for process, value in peaks.items()}
+
+
+def post_beside_inference(finished: list[dict[str, Any]], rows: list[dict[str, Any]]) -> float:
+    """Seconds of the ``finished`` rows' post-processing and writing (stage 2) during which the
+    region's own inference actor was already reading or inferring another of the ``rows`` (one
+    slide's): 0 when one process does both in turn, as one actor did before the stages split."""
+    total = 0.0
+    for row in finished:
+        start, end = float(row["post_start"]), float(row["post_end"])
+        busy = [
+            (max(start, float(other["infer_start"])), min(end, float(other["infer_end"])))
+            for other in rows
+            if other is not row and other["actor"] and other["actor"] == row["actor"]
+        ]
+        total += union_length([(first, last) for first, last in busy if last > first])
+    return total
+
+
+def union_length(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` spans."""
+    length, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            length += end - max(start, reach)
+            reach = end
+    return length
 
 
 def regions_message(summary: dict[str, Any]) -> str:
