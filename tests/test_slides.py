@@ -249,6 +249,71 @@ def test_dispatch_sends_only_large_tiffs_and_slide_formats_to_the_slide_path(tmp
     assert images == [str(plain), str(png)]
 
 
+def write_16_bit_slide(path: Path) -> np.ndarray:
+    """The seam slide's pixels as a 16-bit RGB tiled TIFF (512^2, larger than a region) on a
+    raised floor, with a few hot pixels; returns the pixels written."""
+    pixels = seam_patch().pixels.astype(np.uint16) * 200 + 3000
+    pixels[::97, ::89] = 65535  # hot pixels: percentiles, not min-max, set the range
+    tifffile.imwrite(path, pixels, tile=(256, 256), photometric="rgb", compression="zlib")
+    return pixels
+
+
+def test_a_16_bit_slide_is_scaled_once_per_slide_like_a_whole_image(tmp_path, monkeypatch):
+    """A 16-bit TIFF larger than a region goes the slide path; its windows are scaled to 8 bits
+    with one range for the whole slide, the whole-image path's percentiles: pixel for pixel what
+    reading the whole file as an image gives."""
+    path = tmp_path / "scan16.tif"
+    write_16_bit_slide(path)
+    assert slides.is_slide(str(path), region=REGION)
+    reader = slides.SlideReader(str(path))
+    with pytest.raises(io.ImageReadError, match="scan16.tif: uint16 pixels and no intensity"):
+        reader.read(0, 0, 0, 8, 8)
+    reader.intensity = slides.slide_intensity_range(reader)
+    whole = io.read_image(str(path))  # the whole-image path: uint8 by its own percentiles
+    box = slides.Box(100, 400, 37, 300)
+    window = slides.read_frame_window(reader, box, 1.0)
+    assert window.dtype == np.uint8 and np.array_equal(window, whole[100:400, 37:300])
+    reader.close()
+    plan = slides.plan_slide(str(path), str(tmp_path / "out"), SLIDE_CONFIG, SEGMENT)
+    assert plan.intensity == list(reader.intensity)  # travels to every region's actor
+    with tifffile.TiffFile(path) as tiff:  # damage the last tile: the other blocks give the range
+        offset, count = tiff.pages[0].dataoffsets[-1], tiff.pages[0].databytecounts[-1]
+    with open(path, "r+b") as stream:
+        stream.seek(offset)
+        stream.write(b"\x00" * count)
+    monkeypatch.setattr(slides, "INTENSITY_BLOCK", 256)  # four blocks on this small slide
+    damaged = slides.SlideReader(str(path))
+    low, high = slides.slide_intensity_range(damaged)
+    damaged.close()
+    assert 3000 <= low < high < 65535 and (low, high) != tuple(plan.intensity)
+    eight_bit = tmp_path / "scan8.tif"
+    write_synthetic_slide(str(eight_bit), 512, 512, [seam_patch()], mpp=None)
+    assert (
+        slides.plan_slide(str(eight_bit), str(tmp_path / "o"), SLIDE_CONFIG, SEGMENT).intensity
+        is None
+    )
+
+
+@pytest.mark.ray
+def test_a_16_bit_slide_is_segmented(ray_local, checkpoint, tmp_path):
+    folder, output = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    write_16_bit_slide(folder / "scan16.tif")
+    summary = run_segmentation(
+        checkpoint,
+        str(folder),
+        str(output),
+        SegmentConfig(workers=1, batch_size=4),
+        InstanceConfig(),
+        slide=SLIDE_CONFIG,
+    )
+    row = read_manifest(output)["scan16.tif"]
+    assert (summary.ok, row["status"]) == (1, "ok"), row["message"]
+    assert int(row["nuclei"]) > 50  # the seam slide's tissue: about 290 nuclei in 8 bits
+    with tifffile.TiffFile(output / "scan16.labels.ome.tif") as tiff:
+        assert tiff.series[0].levels[0].shape == (512, 512)
+
+
 def test_tissue_mask_keeps_only_regions_with_tissue(tmp_path):
     path = tmp_path / "sparse.tif"
     write_sparse_slide(path)
@@ -351,16 +416,18 @@ def test_job_counts_regions_time_and_memory(job):
 
 
 @pytest.mark.ray
-def test_inference_and_post_processing_run_in_separate_processes_at_once(job):
-    """Each region's maps are labelled and written by a CPU worker, not by the inference actor,
-    and while an actor's last region is post-processed it already infers its next one."""
+def test_inference_and_post_processing_run_in_separate_processes(job):
+    """Each region's maps are labelled and written by a CPU worker, not by the inference actor.
+    (How much post-processing runs beside inference depends on timing, so it is measured by
+    benchmarks/bench_slides.py, not asserted here; its arithmetic is tested above.)"""
     _, output = job
     seams = summary_of(output, "seams")
     actors, workers = seams["peak_rss_mb_by_actor"], seams["peak_rss_mb_by_post_worker"]
     assert actors and workers
     assert not set(actors) & set(workers)  # node:pid of each: different processes
     assert all(peak > 0 for peak in workers.values())
-    assert seams["post_beside_inference_s"] > 0
+    seconds = seams["seconds"]
+    assert 0 <= seams["post_beside_inference_s"] <= seconds["post_s"] + seconds["write_s"] + 0.01
 
 
 @pytest.mark.ray

@@ -550,6 +550,12 @@ def _rescale_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise ImageReadError(f"{name}: unsupported pixel type {array.dtype}")
     low, high = normalisation_range(array)
+    return scale_to_uint8(array, low, high)
+
+
+def scale_to_uint8(array: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``low``..``high`` mapped to 0..255, rounded, values beyond clipped, NaN to 0 and +inf to
+    255; all zeros when ``high <= low``. One float32 row band at a time."""
     scaled = np.zeros(array.shape, dtype=np.uint8)
     if high <= low:  # constant (or no finite value): all zeros
         return scaled

@@ -544,7 +544,6 @@ def build_dataset(
         ),
         num_cpus=cpus_per_worker,
         num_gpus=1 if segment.use_gpu else 0,
-        max_task_retries=TASK_RETRIES,
     )
     return actor_stage(
         inferred,
@@ -562,20 +561,19 @@ def actor_stage(
     pool,
     num_cpus: float,
     num_gpus: float | None = None,
-    max_task_retries: int | None = None,
+    max_task_retries: int = TASK_RETRIES,
 ):
     """``dataset`` through one stage of ``actor_class`` actors (built with
     ``constructor_kwargs``, each call one row as numpy columns) on the ``pool``
     (a ``ray.data.ActorPoolStrategy``).
 
-    ``max_task_retries``: how often a row whose actor died is retried before its block is
-    dropped; None keeps Ray Data's default (forever, with the actor restarted each time).
+    ``max_task_retries``: how often a row whose actor died is retried before the dataset gives
+    up on it (Ray Data's default retries forever, with the actor restarted each time: a row that
+    runs its actor out of memory would never end).
     """
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"max_task_retries": max_task_retries}
     if num_gpus is not None:
         extra["num_gpus"] = num_gpus
-    if max_task_retries is not None:
-        extra["max_task_retries"] = max_task_retries
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for max_task_retries yet; without it a row that kills
         # its actor (out of memory) would be retried forever

@@ -372,7 +372,7 @@ def write_overlay(plan, levels: list, path: str) -> None:
 
     level = next(level for level in levels if max(level.shape) <= OVERVIEW_MAX_SIDE)
     labels = np.asarray(level[:])
-    reader = SlideReader(plan.uri)
+    reader = SlideReader(plan.uri, plan.intensity)
     try:
         overlay = read_overview(reader, *labels.shape)
     finally:

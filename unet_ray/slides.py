@@ -93,6 +93,8 @@ RESULT_COLUMNS = (  # one row per region, from stage 2 (FinishRegions) to the dr
     "post_actor",  # the post-processing worker, node:pid ("" when stage 1 failed)
 )
 TIMING_KEYS = ("read_s", "infer_s", "post_s", "write_s")
+INTENSITY_SAMPLE_SIDE = 2048  # 16-bit/float slides: percentiles from the coarsest level this large
+INTENSITY_BLOCK = 512  # ... read in blocks of this side (a damaged tile loses only its block)
 STAMP_KEYS = ("infer_start", "infer_end", "post_start", "post_end")
 NUMBER_COLUMNS = (*TIMING_KEYS, *STAMP_KEYS, "peak_rss_mb", "post_peak_rss_mb")
 
@@ -213,10 +215,13 @@ class SlideReader:
     """Windows of a slide (``tiffslide``, or OpenSlide for the formats only it reads).
 
     Local paths and ``s3://`` URIs (through fsspec/s3fs, ``AWS_ENDPOINT_URL`` honoured); pixels
-    come back as RGB uint8 arrays (grayscale repeated, alpha dropped)."""
+    come back as RGB uint8 arrays (grayscale repeated, alpha dropped). A slide of other pixel
+    types (16-bit, float) is scaled to 8 bits with ``intensity``, the (low, high) range of the
+    whole slide (``slide_intensity_range``), so every region of it is scaled alike."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, intensity: tuple[float, float] | list[float] | None = None):
         self.uri = str(uri)
+        self.intensity = tuple(intensity) if intensity is not None else None
         self._file = None
         self._slide = open_slide_backend(self.uri, self)
         self._is_openslide = type(self._slide).__module__.startswith("openslide")
@@ -226,8 +231,24 @@ class SlideReader:
         self.mpp = slide_mpp(self._slide.properties)
 
     def read(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
-        """``height x width`` RGB pixels of ``level`` whose top-left corner is (``left``, ``top``)
-        in level-0 pixels; outside the slide is padded (tiffslide: zeros)."""
+        """``height x width`` RGB uint8 pixels of ``level`` whose top-left corner is (``left``,
+        ``top``) in level-0 pixels; outside the slide is padded (tiffslide: zeros)."""
+        return to_rgb(self.read_raw(level, left, top, width, height), self.uri, self.intensity)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The slide's pixel type, from its metadata (OpenSlide: always 8-bit RGBA)."""
+        if self._is_openslide:
+            return np.dtype(np.uint8)
+        try:
+            store = self._slide.ts_zarr_grp  # a zarr group of the levels, or one array
+            return np.dtype((store if hasattr(store, "dtype") else store["0"]).dtype)
+        except Exception:  # a layout without that view: one pixel tells
+            last = len(self.level_dimensions) - 1
+            return self.read_raw(last, 0, 0, 1, 1).dtype
+
+    def read_raw(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
+        """As ``read``, in the slide's own pixel type and channels."""
         try:
             if self._is_openslide:  # a PIL image, RGBA
                 pixels = np.asarray(self._slide.read_region((left, top), level, (width, height)))
@@ -238,7 +259,7 @@ class SlideReader:
                 f"{self.uri}: cannot read the {width}x{height} window at ({left}, {top}) of level "
                 f"{level}: {type(error).__name__}: {error}"
             ) from error
-        return to_rgb(np.asarray(pixels), self.uri)
+        return np.asarray(pixels)
 
     def close(self) -> None:
         self._slide.close()
@@ -296,8 +317,8 @@ def slide_mpp(properties) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def to_rgb(pixels: np.ndarray, uri: str) -> np.ndarray:
-    """H x W x 3 uint8 from what a slide backend returns (gray, RGBA, 8-bit)."""
+def rgb_channels(pixels: np.ndarray, uri: str) -> np.ndarray:
+    """H x W x 3 in the slide's own pixel type: gray repeated, alpha dropped."""
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     if pixels.shape[2] == 1:
@@ -306,12 +327,70 @@ def to_rgb(pixels: np.ndarray, uri: str) -> np.ndarray:
         pixels = pixels[:, :, :3]
     if pixels.shape[2] != 3:
         raise io.ImageReadError(f"{uri}: {pixels.shape[2]} channels per pixel are unsupported")
-    if pixels.dtype != np.uint8:
+    return pixels
+
+
+def to_rgb(
+    pixels: np.ndarray, uri: str, intensity: tuple[float, float] | None = None
+) -> np.ndarray:
+    """H x W x 3 uint8 from what a slide backend returns: 8-bit as it is; other pixel types
+    scaled from the slide's ``intensity`` range (low, high) to 0..255, clipped."""
+    pixels = rgb_channels(pixels, uri)
+    if pixels.dtype == np.uint8:
+        return np.ascontiguousarray(pixels)
+    if pixels.dtype == bool:
+        return pixels.astype(np.uint8) * 255
+    if not (np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)):
+        raise io.ImageReadError(f"{uri}: unsupported pixel type {pixels.dtype}")
+    if intensity is None:
         raise io.ImageReadError(
-            f"{uri}: {pixels.dtype} pixels; whole-slide reading supports 8-bit slides "
-            "(brightfield RGB or grayscale): convert it or export a smaller image"
+            f"{uri}: {pixels.dtype} pixels and no intensity range to scale them with "
+            "(slide_intensity_range gives it)"
         )
-    return np.ascontiguousarray(pixels)
+    return io.scale_to_uint8(pixels, *intensity)
+
+
+def slide_intensity_range(reader: SlideReader) -> tuple[float, float] | None:
+    """None for an 8-bit slide. Otherwise the (low, high) pixel values that map to 0 and 255:
+    the same percentiles as for whole images (``io.normalisation_range``: 1st and 99.8th,
+    joint over the channels), from the coarsest pyramid level at least
+    ``INTENSITY_SAMPLE_SIDE`` px on its longer side, read block by block and sampled on a
+    regular grid of about ``io.PERCENTILE_SAMPLE_PIXELS`` values. One range per slide, so all
+    its regions are scaled alike (a coarser level is area-averaged, so its brightest pixels
+    are a little dimmer than the full resolution's)."""
+    if reader.dtype == np.uint8:
+        return None
+    scale = max(reader.width, reader.height) / INTENSITY_SAMPLE_SIDE
+    level = best_level(reader.level_downsamples, max(1.0, scale))
+    downsample = reader.level_downsamples[level]
+    level_width, level_height = reader.level_dimensions[level]
+    step = max(1, math.ceil(math.sqrt(level_width * level_height / io.PERCENTILE_SAMPLE_PIXELS)))
+    block = max(step, INTENSITY_BLOCK // step * step)  # a multiple of the step: one regular grid
+    samples, unreadable = [], []
+    for top in range(0, level_height, block):
+        for left in range(0, level_width, block):
+            try:
+                pixels = reader.read_raw(
+                    level,
+                    round(left * downsample),
+                    round(top * downsample),
+                    min(block, level_width - left),
+                    min(block, level_height - top),
+                )
+            except io.ImageReadError as error:  # a damaged tile fails its region, not the slide
+                unreadable.append(str(error))
+                continue
+            samples.append(rgb_channels(pixels, reader.uri)[::step, ::step].reshape(-1, 1, 3))
+    if not samples:
+        raise io.ImageReadError(f"{reader.uri}: no readable pixels: {unreadable[0]}")
+    if unreadable:
+        logger.warning(
+            "%s: intensity range without %d unreadable block(s): %s",
+            reader.uri,
+            len(unreadable),
+            unreadable[0],
+        )
+    return io.normalisation_range(np.concatenate(samples))
 
 
 def best_level(downsamples: list[float], scale: float) -> int:
@@ -514,6 +593,7 @@ class SlidePlan:
     to_segment: list[str]  # region keys with tissue
     skipped: list[str]  # region keys without tissue
     done: list[str]  # region keys whose part already exists (resume)
+    intensity: list[float] | None = None  # (low, high) of a 16-bit/float slide; None: 8-bit
 
     def regions(self) -> list[Region]:
         return plan_regions(self.frame_height, self.frame_width, self.region, self.halo, self.spill)
@@ -643,12 +723,12 @@ class InferRegions:
         self.readers: dict[str, SlideReader] = {}
         self.actor = process_name()
 
-    def reader(self, uri: str) -> SlideReader:
-        if uri not in self.readers:
+    def reader(self, plan: SlidePlan) -> SlideReader:
+        if plan.uri not in self.readers:
             while len(self.readers) >= READER_CACHE:
                 self.readers.pop(next(iter(self.readers))).close()
-            self.readers[uri] = SlideReader(uri)
-        return self.readers[uri]
+            self.readers[plan.uri] = SlideReader(plan.uri, plan.intensity)
+        return self.readers[plan.uri]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from unet_ray.segment import columns_of
@@ -664,7 +744,7 @@ class InferRegions:
         for attempt in range(1, REGION_ATTEMPTS + 1):
             try:
                 inferred = infer_region(
-                    plan, region, self.reader(plan.uri), self.predict_batch, self.segment
+                    plan, region, self.reader(plan), self.predict_batch, self.segment
                 )
                 row = {**empty_region_row(plan.uri, region.key), **inferred}
                 break
@@ -898,6 +978,7 @@ def plan_slide(
         regions = plan_regions(
             frame_height, frame_width, slide.region, slide.halo, slide.halo - segment.overlap
         )
+        reader.intensity = slide_intensity_range(reader)  # None for 8-bit slides
         mask = None
         if slide.tissue_mask:
             overview = read_overview(reader, *overview_shape(frame_height, frame_width))
@@ -926,6 +1007,7 @@ def plan_slide(
         to_segment=with_tissue,
         skipped=[region.key for region in regions if region.key not in set(with_tissue)],
         done=[],
+        intensity=list(reader.intensity) if reader.intensity is not None else None,
     )
     finished = existing_parts(plan.parts_uri) if not segment.overwrite else set()
     plan.done = [key for key in with_tissue if key in finished]
