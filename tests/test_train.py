@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -223,3 +224,45 @@ def test_gpu_training_without_gpus_is_a_usage_error_on_local_ray(
     with pytest.raises(ValueError, match="one GPU per worker, 2 in all, but the Ray cluster has 1"):
         check_gpus(two, {"GPU": 1.0}, on_cluster=False)
     check_gpus(two, {"GPU": 1.0}, on_cluster=True)  # a cluster may grow: a warning only
+
+
+QUIET_PROBE = """
+import logging, ray
+from unet_ray.train import TRANSIENT_RAY_LOGGERS, init_ray
+init_ray(1)
+
+@ray.remote
+def levels():
+    return [logging.getLogger(name).getEffectiveLevel() for name in TRANSIENT_RAY_LOGGERS]
+
+print("levels", *ray.get(levels.remote()))
+"""
+
+
+def test_every_worker_of_a_quiet_run_keeps_transient_ray_warnings_off_the_console(
+    tmp_path, monkeypatch
+):
+    """A Ray worker process of our local Ray starts with Ray Train's "failed to send resource
+    request ... safe to ignore" traceback (an overloaded CPU) kept to Ray's log files; with
+    --verbose (UNET_RAY_VERBOSE) the workers get no such hook."""
+    from unet_ray.train import API_SERVER_ENV, QUIET_WORKER_HOOK, VERBOSE_ENV, worker_runtime_env
+
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.pop(VERBOSE_ENV, None)
+    result = subprocess.run(
+        [sys.executable, "-c", QUIET_PROBE],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("levels")]
+    assert [int(level) for level in line.split()[1:]] == [logging.ERROR]
+    monkeypatch.setenv(VERBOSE_ENV, "1")
+    assert worker_runtime_env("http://127.0.0.1:1") == {
+        "env_vars": {API_SERVER_ENV: "http://127.0.0.1:1"}
+    }
+    monkeypatch.delenv(VERBOSE_ENV)
+    assert worker_runtime_env(None) == {"worker_process_setup_hook": QUIET_WORKER_HOOK}

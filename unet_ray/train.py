@@ -779,13 +779,27 @@ def _skip_progress_bar_notice() -> None:
     log_once(PROGRESS_NOTICE_KEY)
 
 
+# Ray loggers whose warnings are transient noise on an overloaded machine: kept to ERROR unless
+# verbose (they stay in Ray's log files).
+TRANSIENT_RAY_LOGGERS = (
+    # Ray Train's controller registers its resources with the autoscaling coordinator; when the
+    # CPU is overloaded the request times out, is sent again, and is logged with a traceback
+    # that Ray itself calls "safe to ignore" if transient (seen with a load average of 27 here)
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
+)
+QUIET_WORKER_HOOK = "unet_ray.train.quiet_worker_logging"  # worker_process_setup_hook
+
+
 def quiet_worker_logging() -> None:
     """In a Ray worker (and the driver): Ray's INFO lines (Ray Train logs one per report, Ray
     Data one per execution and write, some under loggers named by file path) go to Ray's log
-    files, not the console."""
+    files, not the console, and so do the ``TRANSIENT_RAY_LOGGERS``' warnings. Every worker
+    process of a quiet run calls it as it starts (``QUIET_WORKER_HOOK``)."""
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("ray") or f"{os.sep}ray{os.sep}" in name:
             logging.getLogger(name).setLevel(logging.WARNING)
+    for name in TRANSIENT_RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     _skip_progress_bar_notice()
 
 
@@ -806,8 +820,8 @@ def init_ray(min_cpus: int = 1) -> None:
         api_server = os.environ.get(API_SERVER_ENV) or cluster_api_server(os.environ["RAY_ADDRESS"])
         if api_server:
             os.environ[API_SERVER_ENV] = api_server
-        runtime_env = {"env_vars": {API_SERVER_ENV: api_server}} if api_server else None
-        ray.init(logging_config=logging_config, runtime_env=runtime_env)
+        runtime_env = worker_runtime_env(api_server)
+        ray.init(logging_config=logging_config, runtime_env=runtime_env or None)
     else:
         # Ray Train's placement-group cleaner (an actor) asks the state API, served by the
         # dashboard, without an address: with two local Ray instances on one machine it finds
@@ -822,11 +836,22 @@ def init_ray(min_cpus: int = 1) -> None:
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             dashboard_port=dashboard_port,
-            runtime_env={"env_vars": {API_SERVER_ENV: api_server}},
+            runtime_env=worker_runtime_env(api_server),
         )
     if not is_verbose():
         quiet_ray_logging()  # ray.init configured Ray's loggers anew
         print(f"[unet_ray] Ray's own logs: {ray_log_folder()} (--verbose shows them)", flush=True)
+
+
+def worker_runtime_env(api_server: str | None) -> dict[str, Any]:
+    """What every worker process of our Ray needs: the state API's address (``API_SERVER_ENV``)
+    and, unless verbose, the hook that quiets Ray's console logging as the process starts."""
+    runtime_env: dict[str, Any] = {}
+    if api_server:
+        runtime_env["env_vars"] = {API_SERVER_ENV: api_server}
+    if not is_verbose():
+        runtime_env["worker_process_setup_hook"] = QUIET_WORKER_HOOK
+    return runtime_env
 
 
 def cluster_api_server(address: str) -> str | None:
