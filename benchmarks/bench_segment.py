@@ -273,6 +273,8 @@ def measure_actors(count: int, side: int) -> dict[str, float]:
 def overlap_fraction(rows: list[dict]) -> float:
     """The share of the post-processing seconds (labels and writing, stage 2) during which the
     inference stage was running on some other image: 0 when the stages take turns."""
+    from unet_ray.slides import union_length
+
     inference = [(row["infer_start"], row["infer_end"]) for row in rows]
     total = overlapped = 0.0
     for row in rows:
@@ -285,15 +287,6 @@ def overlap_fraction(rows: list[dict]) -> float:
         ]
         overlapped += union_length([(a, b) for a, b in busy if b > a])
     return overlapped / total if total else 0.0
-
-
-def union_length(spans: list[tuple[float, float]]) -> float:
-    length, reach = 0.0, float("-inf")
-    for start, end in sorted(spans):
-        if end > reach:
-            length += end - max(start, reach)
-            reach = end
-    return length
 
 
 def run(quick: bool = True) -> dict[str, float]:

@@ -737,32 +737,53 @@ class InferRegions:
 
     def infer_task(self, task_json: str) -> dict[str, Any]:
         """One region's stage-1 row: the maps, or an error row after ``REGION_ATTEMPTS``."""
-        from unet_ray.segment import describe_error
-
         plan, region = task_region(json.loads(task_json))
-        message = ""
-        for attempt in range(1, REGION_ATTEMPTS + 1):
-            try:
-                inferred = infer_region(
-                    plan, region, self.reader(plan), self.predict_batch, self.segment
-                )
-                row = {**empty_region_row(plan.uri, region.key), **inferred}
-                break
-            except Exception as error:  # one bad region must never abort the dataset
-                message = describe_error(error)
-                logger.warning(
-                    "%s region %s: reading or inference failed (attempt %d/%d): %s",
-                    plan.uri,
-                    region.key,
-                    attempt,
-                    REGION_ATTEMPTS,
-                    message,
-                )
-                self.readers.pop(plan.uri, None)  # reopen: the file may have been replaced
-        else:
+        inferred, message = try_region(
+            "reading or inference",
+            plan,
+            region,
+            lambda: infer_region(plan, region, self.reader(plan), self.predict_batch, self.segment),
+            # reopen: the file may have been replaced
+            after_failure=lambda: self.readers.pop(plan.uri, None),
+        )
+        if inferred is None:
             row = {**failed_region_row(plan.uri, region.key, message), **empty_maps()}
+        else:
+            row = {**empty_region_row(plan.uri, region.key), **inferred}
         row.update(task=task_json, actor=self.actor, peak_rss_mb=peak_rss_mb())
         return row
+
+
+def try_region(
+    what: str,
+    plan: SlidePlan,
+    region: Region,
+    action: Callable[[], dict[str, Any]],
+    after_failure: Callable[[], Any] | None = None,
+) -> tuple[dict[str, Any] | None, str]:
+    """``action()`` up to ``REGION_ATTEMPTS`` times: its result and "", or None and the last
+    error's message; each failure is logged (``what`` failed) and followed by
+    ``after_failure()``. One bad region must never abort the dataset."""
+    from unet_ray.segment import describe_error
+
+    message = ""
+    for attempt in range(1, REGION_ATTEMPTS + 1):
+        try:
+            return action(), ""
+        except Exception as error:
+            message = describe_error(error)
+            logger.warning(
+                "%s region %s: %s failed (attempt %d/%d): %s",
+                plan.uri,
+                region.key,
+                what,
+                attempt,
+                REGION_ATTEMPTS,
+                message,
+            )
+            if after_failure is not None:
+                after_failure()
+    return None, message
 
 
 class FinishRegions:
@@ -784,38 +805,28 @@ class FinishRegions:
         return columns_of(rows)
 
     def finish_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        from unet_ray.segment import describe_error
-
         result = {column: row[column] for column in RESULT_COLUMNS}
         if str(row["status"]) != STATUS_OK:
             return result
         plan, region = task_region(json.loads(str(row["task"])))
-        message = ""
         started = time.time()
-        for attempt in range(1, REGION_ATTEMPTS + 1):
-            try:
-                finished = finish_region(
-                    plan, region, row["probabilities"], row["spill_image"], self.instances
-                )
-                result.update(finished, post_start=started)  # failed tries included
-                break
-            except Exception as error:  # one bad region must never abort the dataset
-                message = describe_error(error)
-                logger.warning(
-                    "%s region %s: labelling or writing failed (attempt %d/%d): %s",
-                    plan.uri,
-                    region.key,
-                    attempt,
-                    REGION_ATTEMPTS,
-                    message,
-                )
-        else:
+        finished, message = try_region(
+            "labelling or writing",
+            plan,
+            region,
+            lambda: finish_region(
+                plan, region, row["probabilities"], row["spill_image"], self.instances
+            ),
+        )
+        if finished is None:
             result.update(
                 status=STATUS_ERROR,
                 message=f"labelling or writing its part failed: {message}",
                 post_start=started,
                 post_end=time.time(),
             )
+        else:
+            result.update(finished, post_start=started)  # failed tries included
         result.update(post_actor=self.worker, post_peak_rss_mb=peak_rss_mb())
         return result
 
