@@ -73,9 +73,11 @@ def seam_patch() -> Patch:
 
 @pytest.fixture(scope="module")
 def slide_folder(tmp_path_factory) -> Path:
-    """A seam slide (all tissue, 512^2). (The failure test mixes a slide with an image.)"""
+    """A seam slide (all tissue, 512^2) and the same pixels as a 16-bit TIFF. (The failure test
+    mixes a slide with an image.)"""
     folder = tmp_path_factory.mktemp("slides")
     write_synthetic_slide(str(folder / "seams.ome.tif"), 512, 512, [seam_patch()], mpp=0.5)
+    write_16_bit_slide(folder / "scan16.tif")
     return folder
 
 
@@ -295,20 +297,10 @@ def test_a_16_bit_slide_is_scaled_once_per_slide_like_a_whole_image(tmp_path, mo
 
 
 @pytest.mark.ray
-def test_a_16_bit_slide_is_segmented(ray_local, checkpoint, tmp_path):
-    folder, output = tmp_path / "in", tmp_path / "out"
-    folder.mkdir()
-    write_16_bit_slide(folder / "scan16.tif")
-    summary = run_segmentation(
-        checkpoint,
-        str(folder),
-        str(output),
-        SegmentConfig(workers=1, batch_size=4),
-        InstanceConfig(),
-        slide=SLIDE_CONFIG,
-    )
+def test_a_16_bit_slide_is_segmented(job):
+    summary, output = job
     row = read_manifest(output)["scan16.tif"]
-    assert (summary.ok, row["status"]) == (1, "ok"), row["message"]
+    assert row["status"] == "ok", row["message"]
     assert int(row["nuclei"]) > 50  # the seam slide's tissue: about 290 nuclei in 8 bits
     with tifffile.TiffFile(output / "scan16.labels.ome.tif") as tiff:
         assert tiff.series[0].levels[0].shape == (512, 512)
@@ -403,7 +395,7 @@ def test_both_stages_in_process_pass_errors_on_and_retry_writing_on_the_same_map
 def test_job_counts_regions_time_and_memory(job):
     summary, output = job
     rows = read_manifest(output)
-    assert summary.error == 0 and summary.ok == 1, rows
+    assert summary.error == 0 and summary.ok == 2, rows  # the seam slide and its 16-bit twin
     assert rows["seams.ome.tif"]["message"] == "regions: 4 done, 0 skipped (background), 0 failed"
     seams = summary_of(output, "seams")
     assert seams["status"] == "ok" and seams["regions_computed"] == 4
@@ -485,7 +477,7 @@ def test_rerun_skips_complete_slides(job, checkpoint, slide_folder):
     summary = run_segmentation(
         checkpoint, str(slide_folder), str(output), SEGMENT, InstanceConfig(), slide=SLIDE_CONFIG
     )
-    assert summary.skipped == 1 and summary.ok == 0
+    assert summary.skipped == 2 and summary.ok == 0
     assert (output / "seams.labels.ome.tif").stat().st_mtime_ns == before
     assert read_manifest(output)["seams.ome.tif"]["nuclei"] == str(
         summary_of(output, "seams")["nuclei"]

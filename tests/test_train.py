@@ -226,43 +226,56 @@ def test_gpu_training_without_gpus_is_a_usage_error_on_local_ray(
     check_gpus(two, {"GPU": 1.0}, on_cluster=True)  # a cluster may grow: a warning only
 
 
-QUIET_PROBE = """
-import logging, ray
-from unet_ray.train import TRANSIENT_RAY_LOGGERS, init_ray
-init_ray(1)
+def test_transient_ray_warnings_stay_off_the_console_of_a_quiet_run(monkeypatch):
+    """Ray Train's "failed to send resource request ... safe to ignore" traceback (an overloaded
+    CPU) reaches Ray Train's log files but not the console of a quiet run: every worker process
+    of our Ray starts with ``quiet_worker_logging`` (``worker_process_setup_hook``; not with
+    --verbose), whose filter survives Ray Train configuring its loggers with ``dictConfig``."""
+    import logging.config
 
-@ray.remote
-def levels():
-    return [logging.getLogger(name).getEffectiveLevel() for name in TRANSIENT_RAY_LOGGERS]
-
-print("levels", *ray.get(levels.remote()))
-"""
-
-
-def test_every_worker_of_a_quiet_run_keeps_transient_ray_warnings_off_the_console(
-    tmp_path, monkeypatch
-):
-    """A Ray worker process of our local Ray starts with Ray Train's "failed to send resource
-    request ... safe to ignore" traceback (an overloaded CPU) kept to Ray's log files; with
-    --verbose (UNET_RAY_VERBOSE) the workers get no such hook."""
-    from unet_ray.train import API_SERVER_ENV, QUIET_WORKER_HOOK, VERBOSE_ENV, worker_runtime_env
-
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    env.pop(VERBOSE_ENV, None)
-    result = subprocess.run(
-        [sys.executable, "-c", QUIET_PROBE],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    from unet_ray.train import (
+        API_SERVER_ENV,
+        QUIET_WORKER_HOOK,
+        TRANSIENT_RAY_LOGGERS,
+        VERBOSE_ENV,
+        quiet_worker_logging,
+        worker_runtime_env,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    [line] = [line for line in result.stdout.splitlines() if line.startswith("levels")]
-    assert [int(level) for level in line.split()[1:]] == [logging.ERROR]
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    assert worker_runtime_env(None) == {"worker_process_setup_hook": QUIET_WORKER_HOOK}
     monkeypatch.setenv(VERBOSE_ENV, "1")
     assert worker_runtime_env("http://127.0.0.1:1") == {
         "env_vars": {API_SERVER_ENV: "http://127.0.0.1:1"}
     }
-    monkeypatch.delenv(VERBOSE_ENV)
-    assert worker_runtime_env(None) == {"worker_process_setup_hook": QUIET_WORKER_HOOK}
+    assert f"{quiet_worker_logging.__module__}.{quiet_worker_logging.__name__}" == QUIET_WORKER_HOOK
+
+    train_logger = logging.getLogger("ray.train")
+    saved = (train_logger.level, train_logger.handlers[:], train_logger.propagate)
+    seen: list[int] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.levelno)
+
+    try:
+        quiet_worker_logging()  # as the hook runs it in a new worker
+        # then Ray Train's controller: `ray.train` at DEBUG to its handlers, whose console drops
+        # ray.train records below INFO (dictConfig resets the levels of loggers below it)
+        logging.config.dictConfig(
+            {
+                "version": 1,
+                "disable_existing_loggers": False,
+                "loggers": {"ray.train": {"level": "DEBUG", "propagate": False}},
+            }
+        )
+        train_logger.addHandler(Keep())
+        for name in TRANSIENT_RAY_LOGGERS:
+            logging.getLogger(name).warning("Failed to send resource request (probe)")
+            logging.getLogger(name).error("a real error (probe)")
+    finally:
+        train_logger.setLevel(saved[0])
+        train_logger.handlers[:] = saved[1]
+        train_logger.propagate = saved[2]
+    # the warning reaches the handlers (log files) as DEBUG; an error stays an error
+    assert seen == [logging.DEBUG, logging.ERROR] * len(TRANSIENT_RAY_LOGGERS)

@@ -779,8 +779,9 @@ def _skip_progress_bar_notice() -> None:
     log_once(PROGRESS_NOTICE_KEY)
 
 
-# Ray loggers whose warnings are transient noise on an overloaded machine: kept to ERROR unless
-# verbose (they stay in Ray's log files).
+# Ray loggers whose warnings are transient noise on an overloaded machine: unless verbose their
+# records below ERROR are demoted to DEBUG, which Ray Train's console handler drops and its log
+# files keep.
 TRANSIENT_RAY_LOGGERS = (
     # Ray Train's controller registers its resources with the autoscaling coordinator; when the
     # CPU is overloaded the request times out, is sent again, and is logged with a traceback
@@ -788,6 +789,17 @@ TRANSIENT_RAY_LOGGERS = (
     "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
 )
 QUIET_WORKER_HOOK = "unet_ray.train.quiet_worker_logging"  # worker_process_setup_hook
+
+
+class DemoteToDebug(logging.Filter):
+    """A logger filter that lowers records below ERROR to DEBUG. A filter, not a level: Ray Train
+    configures its ``ray.train`` loggers with ``dictConfig``, which resets the levels (not the
+    filters) of the loggers below it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
 
 
 def quiet_worker_logging() -> None:
@@ -799,7 +811,9 @@ def quiet_worker_logging() -> None:
         if name.startswith("ray") or f"{os.sep}ray{os.sep}" in name:
             logging.getLogger(name).setLevel(logging.WARNING)
     for name in TRANSIENT_RAY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logger = logging.getLogger(name)
+        if not any(isinstance(one, DemoteToDebug) for one in logger.filters):
+            logger.addFilter(DemoteToDebug())
     _skip_progress_bar_notice()
 
 
