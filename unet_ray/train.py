@@ -923,10 +923,9 @@ def run_training(config: Config, fault_injection: dict[str, Any] | None = None) 
     io.check_writable(config.train.output)  # a bad OUTPUT is exit 2 before any work
     config = prepare_run_config(config)
     init_ray(required_cpus(config))
-    check_gpus(
-        config.train, ray.cluster_resources(), on_cluster=bool(os.environ.get("RAY_ADDRESS"))
-    )
-    available = ray.cluster_resources().get("CPU", 0)
+    cluster = ray.cluster_resources()
+    check_gpus(config.train, cluster, on_cluster=bool(os.environ.get("RAY_ADDRESS")))
+    available = cluster.get("CPU", 0)
     if available < required_cpus(config):
         logger.warning(
             "the Ray cluster has %s CPUs but %d workers x %d CPUs + %d for Ray Data are needed: "
