@@ -77,7 +77,7 @@ def run(quick: bool = True) -> dict[str, float]:
     """Augmentation figures; ``quick`` times 64 images per setting instead of 512."""
     import cv2
 
-    from unet_ray.config import DataConfig
+    from unet_ray.core.config import DataConfig
 
     previous_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)

@@ -55,7 +55,7 @@ def count_model_flops(side: int) -> tuple[int, int]:
     """(forward FLOPs, training-step FLOPs) of the U-Net for one ``side`` x ``side`` image."""
     import torch
 
-    from unet_ray.model import UNetVGG16BN
+    from unet_ray.core.model import UNetVGG16BN
 
     with torch.device("meta"):
         model = UNetVGG16BN()

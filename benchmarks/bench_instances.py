@@ -58,7 +58,7 @@ def make_maps(side: int, seed: int = SEED):
     from scipy import ndimage
 
     from unet_ray import synth
-    from unet_ray.instances import contour_target
+    from unet_ray.core.instances import contour_target
 
     rng = np.random.default_rng(seed)
     saved = synth.MEAN_RADIUS["fluorescence"]
@@ -119,8 +119,8 @@ def measure_in_child(folder: Path, nucleus: Path, contour: Path | None, previous
 
 
 def run(quick: bool = False) -> dict:
-    from unet_ray.instances import instance_labels
-    from unet_ray.metrics import dsb_image_score, f1_from_counts, instance_counts
+    from unet_ray.core.instances import instance_labels
+    from unet_ray.core.metrics import dsb_image_score, f1_from_counts, instance_counts
 
     side = QUICK_SIDE if quick else SIDE
     truth, nucleus, contour = make_maps(side)

@@ -49,7 +49,7 @@ def make_mosaic(side: int, seed: int) -> np.ndarray:
 def build_random_model():
     import torch
 
-    from unet_ray.model import UNetVGG16BN
+    from unet_ray.core.model import UNetVGG16BN
 
     torch.manual_seed(MODEL_SEED)
     return UNetVGG16BN().eval()
@@ -79,7 +79,7 @@ def train_briefly(settings: dict, device: str):
     crops of synthetic mosaics that do not include the measured image; returned in eval mode."""
     import torch
 
-    from unet_ray.losses import build_loss
+    from unet_ray.core.losses import build_loss
 
     model = build_random_model().to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=0.9)
@@ -117,8 +117,8 @@ def time_prediction(image, plan, predict_batch, batch_size) -> tuple[float, np.n
 def compare_with_whole_image(image, plans, predict_batch, batch_size) -> dict[str, float]:
     """Per scheme: the fraction of mask pixels equal to whole-image inference's, the largest
     probability difference; and the share of whole-image probabilities near the threshold."""
+    from unet_ray.core.tiling import plan_whole_image
     from unet_ray.segment import predict_probabilities
-    from unet_ray.tiling import plan_whole_image
 
     whole = predict_probabilities(image, plan_whole_image(*image.shape[:2]), predict_batch, 1)
     whole_mask = whole > MASK_THRESHOLD
@@ -140,9 +140,9 @@ def measure_tiling(side: int, repeats: int, train_settings: dict) -> dict[str, f
     the briefly trained and for the random-weight model."""
     import torch
 
-    from unet_ray.config import SegmentConfig
+    from unet_ray.core.config import SegmentConfig
+    from unet_ray.core.tiling import plan_for_scheme, plan_whole_image
     from unet_ray.segment import make_batch_predictor, select_device
-    from unet_ray.tiling import plan_for_scheme, plan_whole_image
 
     segment = SegmentConfig()
     device = select_device(use_gpu=torch.cuda.is_available())
@@ -191,10 +191,10 @@ def measure_stability(image, predict_batch, batch_size) -> dict[str, float]:
     post-processing and for the previous one (``bench_instances.previous_labels``)."""
     from bench_instances import previous_labels
 
-    from unet_ray.config import InstanceConfig
-    from unet_ray.metrics import compute_overlaps
+    from unet_ray.core.config import InstanceConfig
+    from unet_ray.core.metrics import compute_overlaps
+    from unet_ray.core.tiling import plan_for_scheme
     from unet_ray.segment import labels_from_maps, predict_probabilities
-    from unet_ray.tiling import plan_for_scheme
 
     maps = [
         predict_probabilities(image, plan_for_scheme(*image.shape[:2], "default", tile, 32),
@@ -231,8 +231,8 @@ def measure_actors(count: int, side: int) -> dict[str, float]:
     import torch
 
     from unet_ray.checkpoint import save_checkpoint
-    from unet_ray.config import Config, InstanceConfig, SegmentConfig
-    from unet_ray.model import UNetVGG16BN
+    from unet_ray.core.config import Config, InstanceConfig, SegmentConfig
+    from unet_ray.core.model import UNetVGG16BN
     from unet_ray.segment import run_segmentation
 
     use_gpu = torch.cuda.is_available()

@@ -43,7 +43,7 @@ def train_briefly():
     import numpy as np
     import torch
 
-    from unet_ray.model import UNetVGG16BN
+    from unet_ray.core.model import UNetVGG16BN
     from unet_ray.synth import generate_sample
 
     torch.manual_seed(MODEL_SEED)
@@ -80,9 +80,8 @@ def write_slides(folder: Path, tissue: tuple[int, int, int, int]) -> dict[str, s
 def measure_slide(checkpoint: str, path: str, output: str, region: int, use_gpu: bool) -> dict:
     """One job over one slide; its summary plus wall time. The actor gets the command's default
     CPUs (on CPU: the machine less the post-processing workers' share)."""
-    from unet_ray.config import InstanceConfig, SegmentConfig
+    from unet_ray.core.config import InstanceConfig, SegmentConfig, SlideConfig
     from unet_ray.segment import run_segmentation
-    from unet_ray.slides import SlideConfig
 
     segment = SegmentConfig(workers=1, use_gpu=use_gpu, overwrite=True)
     started = time.perf_counter()
@@ -103,7 +102,7 @@ def run(quick: bool = True) -> dict:
     import torch
 
     from unet_ray.checkpoint import save_checkpoint
-    from unet_ray.config import Config
+    from unet_ray.core.config import Config
 
     settings = QUICK if quick else FULL
     use_gpu = torch.cuda.is_available()

@@ -122,7 +122,7 @@ def size_key(quick: bool, use_gpu: bool) -> tuple[str, str]:
 def benchmark_settings(quick: bool, use_gpu: bool) -> dict:
     """Sizes, step counts, threads and precision for this mode and device (a plain dict: it is
     passed to Ray workers as is)."""
-    from unet_ray.config import TrainConfig
+    from unet_ray.core.config import TrainConfig
 
     train = TrainConfig()
     return {
@@ -165,8 +165,8 @@ def build_training_objects(settings: dict, device, prepare=None):
     """
     import torch
 
-    from unet_ray.losses import build_loss
-    from unet_ray.model import UNetVGG16BN
+    from unet_ray.core.losses import build_loss
+    from unet_ray.core.model import UNetVGG16BN
 
     torch.manual_seed(MODEL_SEED)
     model = UNetVGG16BN().to(device)
@@ -597,7 +597,7 @@ def run(quick: bool = True) -> dict[str, float]:
     """All training figures; ``quick`` uses 64 px crops and a few steps on a CPU."""
     import ray
 
-    from unet_ray.config import DataConfig
+    from unet_ray.core.config import DataConfig
     from unet_ray.data import TRAIN_SPLIT, build_training_datasets, count_rows
     from unet_ray.train import steps_per_worker_epoch, training_passes
 

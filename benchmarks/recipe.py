@@ -93,7 +93,7 @@ def write_sets(root: Path, seed: int) -> tuple[str, dict[str, str]]:
 def train_and_score(
     name: str, overrides: dict, source: str, held_out: dict[str, str], root: Path
 ) -> list[dict]:
-    from unet_ray.config import Config
+    from unet_ray.core.config import Config
     from unet_ray.evaluate import evaluate_checkpoint
     from unet_ray.train import run_training
 
@@ -154,8 +154,8 @@ def plot_schedules(path: Path, steps_per_epoch: int = 100) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from unet_ray.config import TrainConfig
-    from unet_ray.schedules import config_learning_rate
+    from unet_ray.core.config import TrainConfig
+    from unet_ray.core.schedules import config_learning_rate
 
     new = TrainConfig()
     old = TrainConfig(restart_epochs=10, warmup_epochs=0)

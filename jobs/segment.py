@@ -24,9 +24,9 @@ def write_smoke_test_inputs(root: str) -> tuple[str, str, str]:
     import torch
 
     from unet_ray.checkpoint import save_checkpoint
-    from unet_ray.config import Config
+    from unet_ray.core.config import Config
+    from unet_ray.core.model import UNetVGG16BN
     from unet_ray.io import encode_png, write_bytes_atomic
-    from unet_ray.model import UNetVGG16BN
     from unet_ray.synth import generate_sample
 
     torch.manual_seed(0)

@@ -3,7 +3,7 @@
 import pytest
 
 from unet_ray.cli import build_parser, config_from_args, main
-from unet_ray.config import Config, load_config, save_config
+from unet_ray.core.config import Config, load_config, save_config
 
 
 def test_defaults_follow_the_reference_report():

@@ -15,7 +15,7 @@ from scipy import ndimage
 from skimage.measure import label as label_components
 
 from unet_ray import data, io
-from unet_ray.config import DataConfig
+from unet_ray.core.config import DataConfig
 
 TILE = 64  # small tiles: the 64-160 px synthetic images are both padded and sliced
 THRESHOLD = 127  # an 8-bit binary image thresholds here

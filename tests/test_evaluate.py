@@ -10,10 +10,10 @@ import torch
 
 from unet_ray.checkpoint import save_checkpoint
 from unet_ray.cli import main
-from unet_ray.config import Config, InstanceConfig
+from unet_ray.core.config import Config, InstanceConfig
+from unet_ray.core.model import UNetVGG16BN
 from unet_ray.evaluate import evaluate_checkpoint, score_image, summarise_scores
 from unet_ray.io import list_dsb_samples
-from unet_ray.model import UNetVGG16BN
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from unet_ray.config import LOSSES
-from unet_ray.losses import DICE_SMOOTH, bce_loss, build_loss, dice_loss
+from unet_ray.core.config import LOSSES
+from unet_ray.core.losses import DICE_SMOOTH, bce_loss, build_loss, dice_loss
 
 CONFIDENT_LOGIT = 50.0  # sigmoid(50) = 1 to float precision
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unet_ray.config import IOU_THRESHOLDS
-from unet_ray.metrics import (
+from unet_ray.core.config import IOU_THRESHOLDS
+from unet_ray.core.metrics import (
     dsb_image_score,
     f1_from_counts,
     instance_counts,

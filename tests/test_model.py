@@ -9,23 +9,25 @@ import torch
 import torchvision
 from torch import nn
 
-from unet_ray.config import ModelConfig
-from unet_ray.model import (
+from unet_ray.checkpoint import (
     EncoderWeightsUnavailableError,
-    UNetVGG16BN,
     build_model,
+    file_sha256,
+    find_hub_encoder_weights,
+    hub_weights_path,
+    load_encoder_weights,
+    record_encoder_weights,
+    resolve_imagenet_weights,
+)
+from unet_ray.core.config import ModelConfig
+from unet_ray.core.model import (
+    UNetVGG16BN,
     check_input_shape,
     count_conv3x3,
     decoder_parameters,
     encoder_parameters,
-    file_sha256,
-    find_hub_encoder_weights,
     freeze_encoder,
-    hub_weights_path,
-    load_encoder_weights,
     parameter_groups,
-    record_encoder_weights,
-    resolve_imagenet_weights,
     use_sync_batchnorm,
 )
 
@@ -264,7 +266,7 @@ def test_imagenet_weights_are_downloaded_into_the_hub_cache(
     import shutil
     import threading
 
-    from unet_ray import model as model_module
+    from unet_ray import checkpoint as weights_module
 
     served = tmp_path / "served"
     served.mkdir()
@@ -275,7 +277,7 @@ def test_imagenet_weights_are_downloaded_into_the_hub_cache(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/{name}"
-        monkeypatch.setattr(model_module, "imagenet_weights_url", lambda: url)
+        monkeypatch.setattr(weights_module, "imagenet_weights_url", lambda: url)
         monkeypatch.delenv("UNET_RAY_NO_DOWNLOAD")
         recorded = record_encoder_weights(ModelConfig())
         cached = hub_weights_path()
@@ -285,7 +287,7 @@ def test_imagenet_weights_are_downloaded_into_the_hub_cache(
         model = build_model(recorded)  # now from the cache, checked against the recorded digest
         assert torch.equal(model.encoder[0].weight, vgg_state_dict["features.0.weight"])
         missing = f"http://127.0.0.1:{server.server_address[1]}/vgg16_bn-00000000.pth"
-        monkeypatch.setattr(model_module, "imagenet_weights_url", lambda: missing)
+        monkeypatch.setattr(weights_module, "imagenet_weights_url", lambda: missing)
         with pytest.raises(EncoderWeightsUnavailableError, match="the download failed"):
             resolve_imagenet_weights()
     finally:
@@ -343,7 +345,7 @@ def test_build_model_uses_hub_cache_file(no_hub_cache, tmp_path, vgg_state_dict,
     checkpoints.mkdir(parents=True)
     torch.save(vgg_state_dict, checkpoints / "vgg16_bn-6c64b313.pth")
     assert find_hub_encoder_weights() == str(checkpoints / "vgg16_bn-6c64b313.pth")
-    with caplog.at_level(logging.WARNING, logger="unet_ray.model"):
+    with caplog.at_level(logging.WARNING, logger="unet_ray.checkpoint"):
         model = build_model(ModelConfig(decoder_batchnorm=True))  # the default: imagenet
     assert torch.equal(model.encoder[0].weight, vgg_state_dict["features.0.weight"])
     assert count_batchnorm(model.decoder) == 10

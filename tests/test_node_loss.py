@@ -21,7 +21,7 @@ import pytest
 from test_train import make_config  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from unet_ray import io
-from unet_ray.config import Config, InstanceConfig, SegmentConfig
+from unet_ray.core.config import Config, InstanceConfig, SegmentConfig
 from unet_ray.train import API_SERVER_ENV, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -175,7 +175,7 @@ def test_segmentation_survives_losing_the_actors_node(cluster, tmp_path):
     import torch
 
     from unet_ray.checkpoint import save_checkpoint
-    from unet_ray.model import UNetVGG16BN
+    from unet_ray.core.model import UNetVGG16BN
     from unet_ray.segment import run_segmentation
     from unet_ray.synth import generate_sample
     from unet_ray.writers import output_names

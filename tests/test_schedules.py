@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from unet_ray.schedules import cyclic_lr, learning_rate, warm_restart_lr
+from unet_ray.core.schedules import cyclic_lr, learning_rate, warm_restart_lr
 
 
 def test_warm_restart_starts_at_max_and_restarts():
@@ -36,8 +36,8 @@ def test_warm_restart_never_leaves_its_range():
 
 def test_default_warm_restart_cycles_end_with_the_run():
     """40 epochs in 2 doubling cycles: 13.3 + 26.7, the last ending exactly at epoch 40."""
-    from unet_ray.config import TrainConfig
-    from unet_ray.schedules import config_learning_rate, schedule_cycle_ends
+    from unet_ray.core.config import TrainConfig
+    from unet_ray.core.schedules import config_learning_rate, schedule_cycle_ends
 
     train = TrainConfig()
     ends = schedule_cycle_ends(
@@ -50,7 +50,7 @@ def test_default_warm_restart_cycles_end_with_the_run():
 
 
 def test_warmup_ramps_linearly_from_zero():
-    from unet_ray.schedules import warmup_factor
+    from unet_ray.core.schedules import warmup_factor
 
     assert learning_rate("constant", 0.0, 0.4, 0.0, 10, 4, warmup_epochs=2) == 0.0
     assert learning_rate("constant", 0.5, 0.4, 0.0, 10, 4, warmup_epochs=2) == pytest.approx(0.1)
@@ -74,7 +74,7 @@ def test_warmup_ramps_linearly_from_zero():
     ],
 )
 def test_mid_cycle_warning(scheduler, epochs, restart_epochs, cycle_epochs, warns):
-    from unet_ray.schedules import mid_cycle_warning
+    from unet_ray.core.schedules import mid_cycle_warning
 
     message = mid_cycle_warning(scheduler, epochs, restart_epochs, 2, cycle_epochs)
     assert bool(message) == warns
@@ -92,8 +92,8 @@ def test_the_first_warm_up_step_learns():
     the full rate, and the weights move (at the rate at its start, 0, they would not)."""
     import torch
 
-    from unet_ray.config import Config
-    from unet_ray.losses import build_loss
+    from unet_ray.core.config import Config
+    from unet_ray.core.losses import build_loss
     from unet_ray.train import train_one_epoch
 
     torch.manual_seed(0)

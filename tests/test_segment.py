@@ -20,8 +20,9 @@ from PIL import Image
 
 from unet_ray import io
 from unet_ray.checkpoint import load_model, save_checkpoint
-from unet_ray.config import Config, InstanceConfig, SegmentConfig
-from unet_ray.model import UNetVGG16BN
+from unet_ray.core.config import Config, InstanceConfig, SegmentConfig
+from unet_ray.core.model import UNetVGG16BN
+from unet_ray.core.tiling import plan_for_scheme, plan_whole_image
 from unet_ray.segment import (
     MANIFEST_COLUMNS,
     TILED_MASK_AGREEMENT,
@@ -39,7 +40,6 @@ from unet_ray.segment import (
     write_manifest,
 )
 from unet_ray.synth import generate_sample
-from unet_ray.tiling import plan_for_scheme, plan_whole_image
 from unet_ray.writers import output_names
 
 MODEL_SEED = 0

@@ -23,8 +23,8 @@ from PIL import Image
 
 from unet_ray import io, slides
 from unet_ray.checkpoint import save_checkpoint
-from unet_ray.config import Config, InstanceConfig, SegmentConfig
-from unet_ray.model import UNetVGG16BN
+from unet_ray.core.config import Config, InstanceConfig, SegmentConfig
+from unet_ray.core.model import UNetVGG16BN
 from unet_ray.segment import make_batch_predictor, run_segmentation
 from unet_ray.slide_synth import Patch, tissue_patches, write_synthetic_slide
 from unet_ray.synth import generate_sample

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unet_ray.config import SIZE_MULTIPLE
-from unet_ray.tiling import (
+from unet_ray.core.config import SIZE_MULTIPLE
+from unet_ray.core.tiling import (
     IMAGE_CONTEXT,
     REFERENCE_CORE,
     REFERENCE_TILE,

@@ -17,7 +17,7 @@ import pytest
 from unet_ray import io
 from unet_ray.checkpoint import load_model
 from unet_ray.cli import build_parser, config_from_args, main
-from unet_ray.config import Config
+from unet_ray.core.config import Config
 from unet_ray.train import registered_epochs, run_training
 
 pytestmark = pytest.mark.ray
@@ -206,7 +206,7 @@ def test_gpu_training_without_gpus_is_a_usage_error_on_local_ray(
     """`--gpu` on a machine without GPUs: exit 2 naming the GPUs asked for and found, before any
     training (Ray Train would wait for them forever); a cluster that may still add GPU nodes
     only warns."""
-    from unet_ray.config import TrainConfig
+    from unet_ray.core.config import TrainConfig
     from unet_ray.train import check_gpus
 
     assert ray_local.cluster_resources().get("GPU", 0) == 0  # this machine has none

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from unet_ray.cli import build_parser, config_from_args
-from unet_ray.config import Config
+from unet_ray.core.config import Config
 from unet_ray.train import SCORE_METRIC
 from unet_ray.tune import (
     EXPERIMENT_NAME,

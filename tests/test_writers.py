@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from unet_ray.instances import labels_from_mask
+from unet_ray.core.instances import labels_from_mask
 from unet_ray.io import decode_image
 from unet_ray.synth import generate_sample
 from unet_ray.writers import (

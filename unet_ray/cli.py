@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from unet_ray.config import (
+from unet_ray.core.config import (
     ENCODER_IMAGENET,
     ENCODER_NONE,
     EVALUATE_SPLITS,

@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 
 from unet_ray import io
-from unet_ray.config import SIZE_MULTIPLE, DataConfig
+from unet_ray.core.config import SIZE_MULTIPLE, DataConfig
 
 # albumentations asks PyPI for a newer version on import unless told not to; never go online.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

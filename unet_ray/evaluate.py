@@ -16,17 +16,17 @@ import torch
 
 from unet_ray import io
 from unet_ray.checkpoint import load_model
-from unet_ray.config import EVALUATE_SPLITS, Config, InstanceConfig, SegmentConfig
-from unet_ray.instances import contour_target
-from unet_ray.metrics import (
+from unet_ray.core.config import EVALUATE_SPLITS, Config, InstanceConfig, SegmentConfig
+from unet_ray.core.instances import contour_target
+from unet_ray.core.metrics import (
     dsb_image_score,
     f1_from_counts,
     instance_counts,
     iou_from_counts,
     pixel_counts,
 )
+from unet_ray.core.tiling import predict_tiled
 from unet_ray.segment import labels_from_maps, make_batch_predictor, plan_image, sigmoid_in_place
-from unet_ray.tiling import predict_tiled
 
 COUNT_KEYS = ("tp", "fp", "fn", "inst_tp", "inst_fp", "inst_fn")
 

@@ -48,9 +48,9 @@ from typing import Any
 import numpy as np
 
 from unet_ray import io
-from unet_ray.config import Config, InstanceConfig, SegmentConfig
+from unet_ray.core.config import Config, InstanceConfig, SegmentConfig
+from unet_ray.core.tiling import TilePlan, check_tile_geometry, plan_for_scheme, predict_tiled
 from unet_ray.progress import Progress
-from unet_ray.tiling import TilePlan, check_tile_geometry, plan_for_scheme, predict_tiled
 from unet_ray.writers import OUTPUT_SUFFIXES, encode_outputs, output_names
 
 logger = logging.getLogger(__name__)
@@ -357,7 +357,7 @@ def segment_image_file(
 def labels_from_maps(probabilities: np.ndarray, instances: InstanceConfig) -> np.ndarray:
     """Instance labels from the C x H x W probabilities of either head (channel 0: nucleus,
     channel 1 when present: contour)."""
-    from unet_ray.instances import instance_labels
+    from unet_ray.core.instances import instance_labels
 
     contour = probabilities[1] if len(probabilities) > 1 else None
     return instance_labels(probabilities[0], contour, instances)
@@ -671,7 +671,8 @@ def run_segmentation(
     io.check_writable(output_uri)
     load_model(checkpoint)  # fail fast on a missing or corrupt checkpoint, before any actor
     inputs = drop_own_outputs(list_inputs(input_uri), input_uri, output_uri)
-    from unet_ray.slides import SlideConfig, partition_inputs, segment_slides
+    from unet_ray.core.config import SlideConfig
+    from unet_ray.slides import partition_inputs, segment_slides
 
     slide = slide or SlideConfig()
     slide_inputs, inputs = partition_inputs(inputs, slide, segment)

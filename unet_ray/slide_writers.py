@@ -205,7 +205,7 @@ def compose_core(plan, region, by_position, parts: PartCache, offsets) -> np.nda
 
 def piece_placement(region, dy: int, dx: int):
     """Where piece (dy, dx) of ``region`` lies in the frame."""
-    from unet_ray.slides import Box
+    from unet_ray.core.regions import Box
 
     spill, core = region.spill, region.core
     rows = {-1: (spill.top, core.top), 0: (core.top, core.bottom), 1: (core.bottom, spill.bottom)}
@@ -221,7 +221,7 @@ def build_levels(plan, parts: PartCache, offsets, folder: str) -> list:
     """Level 0 and its nearest-neighbour halvings as local zarr arrays (chunks of one tile)."""
     import zarr
 
-    from unet_ray.slides import LABEL_TILE
+    from unet_ray.core.config import LABEL_TILE
 
     shape = (plan.frame_height, plan.frame_width)
     level0 = zarr.open_array(
@@ -277,7 +277,7 @@ def write_labels_tiff(levels: list, path: str, mpp: float | None) -> None:
     """The levels as one tiled pyramidal OME-TIFF (level 0 + SubIFDs)."""
     import tifffile
 
-    from unet_ray.slides import LABEL_TILE
+    from unet_ray.core.config import LABEL_TILE
 
     metadata: dict[str, Any] = {"axes": "YX", "Name": "nucleus labels"}
     options: dict[str, Any] = {}
@@ -368,7 +368,8 @@ def write_overlay(plan, levels: list, path: str) -> None:
     """Outlines (from the finest label level that fits the overview) over the slide's overview."""
     from skimage.segmentation import find_boundaries
 
-    from unet_ray.slides import OVERVIEW_MAX_SIDE, SlideReader, read_overview
+    from unet_ray.core.regions import OVERVIEW_MAX_SIDE
+    from unet_ray.slides import SlideReader, read_overview
 
     level = next(level for level in levels if max(level.shape) <= OVERVIEW_MAX_SIDE)
     labels = np.asarray(level[:])

@@ -23,12 +23,12 @@ import torch
 
 from unet_ray import io
 from unet_ray.checkpoint import CONFIG_FILE, MODEL_FILE, save_checkpoint
-from unet_ray.config import Config, TrainConfig
+from unet_ray.core.config import Config, TrainConfig
+from unet_ray.core.losses import build_loss, head_targets
+from unet_ray.core.model import use_sync_batchnorm
+from unet_ray.core.schedules import config_learning_rate
 from unet_ray.data import VAL_SPLIT
-from unet_ray.losses import build_loss, head_targets
-from unet_ray.model import use_sync_batchnorm
 from unet_ray.progress import Progress, is_terminal
-from unet_ray.schedules import config_learning_rate
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,8 @@ def _build_or_resume(config: Config, device: torch.device):
     """
     import ray.train
 
-    from unet_ray.model import build_model, is_pretrained, parameter_groups
+    from unet_ray.checkpoint import build_model
+    from unet_ray.core.model import is_pretrained, parameter_groups
 
     model = build_model(config.model).to(device)
     encoder_scale = config.train.encoder_lr_scale if is_pretrained(config.model) else 1.0
@@ -708,8 +709,8 @@ def prepare_run_config(config: Config) -> Config:
     prefix; ``imagenet`` may download them into the hub cache once), before any worker starts:
     unavailable weights are a usage error now, not a crash in every worker. Warns when the run
     ends in the middle of a learning-rate cycle."""
-    from unet_ray.model import record_encoder_weights
-    from unet_ray.schedules import mid_cycle_warning
+    from unet_ray.checkpoint import record_encoder_weights
+    from unet_ray.core.schedules import mid_cycle_warning
 
     train = config.train
     warning = mid_cycle_warning(

@@ -262,3 +262,32 @@ def load_config(path: str | Path | None) -> Config:
 
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+DEFAULT_REGION = 4096  # region (core) side in frame pixels
+DEFAULT_HALO = 128  # context read around each core: nuclei up to halo - overlap px are whole
+LABEL_TILE = 256  # OME-TIFF tile side of the labels; regions are multiples of it
+
+
+@dataclass
+class SlideConfig:
+    region: int = DEFAULT_REGION  # region side (frame pixels), a multiple of LABEL_TILE
+    halo: int = DEFAULT_HALO  # context around each region (pixels); must exceed the tile overlap
+    mpp: float | None = None  # microns per pixel to segment at; None: the slide's own
+    tissue_mask: bool = True  # skip regions without tissue (Otsu on saturation)
+
+
+def check_slide_config(slide: SlideConfig, segment: SegmentConfig) -> None:
+    """Raise ValueError, with the fix, for region geometry no slide can use."""
+    if slide.region < LABEL_TILE or slide.region % LABEL_TILE:
+        nearest = max(LABEL_TILE, round(slide.region / LABEL_TILE) * LABEL_TILE)
+        raise ValueError(
+            f"--region {slide.region} must be a multiple of {LABEL_TILE}; try {nearest}"
+        )
+    if slide.halo <= segment.overlap:
+        raise ValueError(
+            f"--halo {slide.halo} must exceed the tile overlap ({segment.overlap}): nuclei up to "
+            "halo - overlap px across are kept whole; try 128"
+        )
+    if slide.mpp is not None and slide.mpp <= 0:
+        raise ValueError(f"--mpp {slide.mpp} must be positive (microns per pixel)")

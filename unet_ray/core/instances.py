@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 from skimage.segmentation import watershed
 
-from unet_ray.config import InstanceConfig
+from unet_ray.core.config import InstanceConfig
 
 CORE_DEPTH = 1.5  # mask head: a core reaches at least this far below the local maximum (px)
 HOLE_FRACTION = 0.05  # holes up to this fraction of their object are filled before seeding

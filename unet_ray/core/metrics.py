@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unet_ray.config import IOU_THRESHOLDS
+from unet_ray.core.config import IOU_THRESHOLDS
 
 MATCHING_IOU = 0.5  # instance F1 is reported at this IoU threshold ("f1_50")
 MIN_UNIQUE_MATCH_IOU = 0.5  # above this IoU an object can match at most one other object

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unet_ray.config import SIZE_MULTIPLE
+from unet_ray.core.config import SIZE_MULTIPLE
 
 IMAGE_CONTEXT = "image"  # windows read real neighbouring pixels; reflect only beyond the image
 TILE_CONTEXT = "tile"  # each core is reflect-padded by itself (the reference report's scheme)
