@@ -29,7 +29,7 @@ AUGMENT_SEED = 0
 
 def make_images(count: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """``count`` synthetic (image, labels) pairs of SIDE x SIDE, styles in turn."""
-    from unet_ray.synth import generate_sample
+    from unet_ray.io.synth import generate_sample
 
     rng = np.random.default_rng(IMAGE_SEED)
     return [generate_sample(rng, SIDE, SIDE, STYLES[index % len(STYLES)]) for index in range(count)]

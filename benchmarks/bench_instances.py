@@ -57,8 +57,8 @@ def make_maps(side: int, seed: int = SEED):
     """Ground-truth labels and the blurred nucleus and contour maps of one synthetic field."""
     from scipy import ndimage
 
-    from unet_ray import synth
     from unet_ray.core.instances import contour_target
+    from unet_ray.io import synth
 
     rng = np.random.default_rng(seed)
     saved = synth.MEAN_RADIUS["fluorescence"]

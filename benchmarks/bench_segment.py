@@ -57,7 +57,7 @@ def build_random_model():
 
 def make_labelled_mosaic(side: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Like ``make_mosaic``, with the foreground mask (float32 0/1) of its nuclei."""
-    from unet_ray.synth import generate_sample
+    from unet_ray.io.synth import generate_sample
 
     rng = np.random.default_rng(seed)
     patches_per_side = -(-side // PATCH_SIDE)
@@ -215,7 +215,7 @@ def measure_stability(image, predict_batch, batch_size) -> dict[str, float]:
 
 def write_actor_inputs(folder: Path, count: int, side: int) -> float:
     """``count`` PNG mosaics in ``folder``; their total megapixels."""
-    from unet_ray.io import encode_png
+    from unet_ray.io.images import encode_png
 
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
@@ -230,9 +230,9 @@ def measure_actors(count: int, side: int) -> dict[str, float]:
     import ray
     import torch
 
-    from unet_ray.checkpoint import save_checkpoint
     from unet_ray.core.config import Config, InstanceConfig, SegmentConfig
     from unet_ray.core.model import UNetVGG16BN
+    from unet_ray.io.checkpoint import save_checkpoint
     from unet_ray.segment import run_segmentation
 
     use_gpu = torch.cuda.is_available()

@@ -44,7 +44,7 @@ def train_briefly():
     import torch
 
     from unet_ray.core.model import UNetVGG16BN
-    from unet_ray.synth import generate_sample
+    from unet_ray.io.synth import generate_sample
 
     torch.manual_seed(MODEL_SEED)
     rng = np.random.default_rng(MODEL_SEED)
@@ -65,7 +65,7 @@ def train_briefly():
 
 
 def write_slides(folder: Path, tissue: tuple[int, int, int, int]) -> dict[str, str]:
-    from unet_ray.slide_synth import tissue_patches, write_synthetic_slide
+    from unet_ray.io.slide_synth import tissue_patches, write_synthetic_slide
 
     patches = tissue_patches([tissue], seed=1)
     paths = {}
@@ -101,8 +101,8 @@ def run(quick: bool = True) -> dict:
     import ray
     import torch
 
-    from unet_ray.checkpoint import save_checkpoint
     from unet_ray.core.config import Config
+    from unet_ray.io.checkpoint import save_checkpoint
 
     settings = QUICK if quick else FULL
     use_gpu = torch.cuda.is_available()

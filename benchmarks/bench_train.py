@@ -577,8 +577,9 @@ def prepare_benchmark_dataset(root: str, settings: dict) -> str:
     shards copied ``settings["shard_copies"]`` times in all; its URI."""
     import shutil
 
-    from unet_ray.data import TRAIN_SPLIT, prepare_dataset
-    from unet_ray.synth import write_synthetic_dataset
+    from unet_ray.data import prepare_dataset
+    from unet_ray.io.prepared import TRAIN_SPLIT
+    from unet_ray.io.synth import write_synthetic_dataset
 
     source, prepared = os.path.join(root, "synth"), os.path.join(root, "prepared")
     side = settings["synth_side"]
@@ -598,7 +599,8 @@ def run(quick: bool = True) -> dict[str, float]:
     import ray
 
     from unet_ray.core.config import DataConfig
-    from unet_ray.data import TRAIN_SPLIT, build_training_datasets, count_rows
+    from unet_ray.data import build_training_datasets
+    from unet_ray.io.prepared import TRAIN_SPLIT, count_rows
     from unet_ray.train import steps_per_worker_epoch, training_passes
 
     device = select_device()

@@ -71,8 +71,8 @@ def recipes(quick: bool) -> dict[str, dict]:
 def write_sets(root: Path, seed: int) -> tuple[str, dict[str, str]]:
     """The training source (8 + 2 tiles of 128 px, styles in turn) and one held-out DSB2018
     layout per style (images of 128-320 px)."""
-    from unet_ray.io import write_dsb_sample
-    from unet_ray.synth import STYLES, generate_sample, write_synthetic_dataset
+    from unet_ray.io.dsb import write_dsb_sample
+    from unet_ray.io.synth import STYLES, generate_sample, write_synthetic_dataset
 
     source = root / "train" / "stage1_train"
     write_synthetic_dataset(
@@ -139,7 +139,8 @@ def train_and_score(
 
 
 def _steps_run(result, config) -> int:
-    from unet_ray.data import read_dataset_info, tile_copies
+    from unet_ray.data import tile_copies
+    from unet_ray.io.prepared import read_dataset_info
     from unet_ray.train import steps_per_worker_epoch
 
     tiles = read_dataset_info(str(Path(config.train.output) / "prepared"))["train"]["tiles"]

@@ -23,11 +23,12 @@ def write_smoke_test_inputs(root: str) -> tuple[str, str, str]:
     import numpy as np
     import torch
 
-    from unet_ray.checkpoint import save_checkpoint
     from unet_ray.core.config import Config
     from unet_ray.core.model import UNetVGG16BN
-    from unet_ray.io import encode_png, write_bytes_atomic
-    from unet_ray.synth import generate_sample
+    from unet_ray.io.checkpoint import save_checkpoint
+    from unet_ray.io.files import write_bytes_atomic
+    from unet_ray.io.images import encode_png
+    from unet_ray.io.synth import generate_sample
 
     torch.manual_seed(0)
     checkpoint = os.path.join(root, "checkpoint")

@@ -156,7 +156,7 @@ def ray_local(s3_endpoint, tmp_path_factory):
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A small synthetic DSB2018-layout dataset (64-160 px images) shared by the session."""
-    from unet_ray.synth import write_synthetic_dataset
+    from unet_ray.io.synth import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synth") / "stage1_train"
     write_synthetic_dataset(root, count=12, seed=7, min_side=64, max_side=160)
@@ -167,7 +167,7 @@ def synth_root(tmp_path_factory):
 def training_root(tmp_path_factory):
     """A smaller synthetic set (6 images of 64-128 px, about 15 tiles of 64 px) for the Ray Train
     and Tune tests, whose every epoch costs real CPU time."""
-    from unet_ray.synth import write_synthetic_dataset
+    from unet_ray.io.synth import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synth_training") / "stage1_train"
     write_synthetic_dataset(root, count=6, seed=7, min_side=64, max_side=128)

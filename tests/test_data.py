@@ -16,6 +16,14 @@ from skimage.measure import label as label_components
 
 from unet_ray import data, io
 from unet_ray.core.config import DataConfig
+from unet_ray.io.prepared import (
+    DATASET_FORMAT,
+    SPLITS,
+    TRAIN_SPLIT,
+    is_prepared,
+    read_dataset_info,
+    read_split_images,
+)
 
 TILE = 64  # small tiles: the 64-160 px synthetic images are both padded and sliced
 THRESHOLD = 127  # an 8-bit binary image thresholds here
@@ -310,12 +318,12 @@ def test_tile_starts_overlap_no_more_than_the_side_needs(side):
 
 
 def test_unprepared_folder_is_not_taken_for_shards(tmp_path, synth_root):
-    assert not data.is_prepared(str(synth_root))
+    assert not is_prepared(str(synth_root))
     with pytest.raises(io.DatasetError, match="not a prepared dataset"):
-        data.read_dataset_info(str(synth_root))
+        read_dataset_info(str(synth_root))
     (tmp_path / "dataset.json").write_text(json.dumps({"format": "something/else"}))
     with pytest.raises(io.DatasetError, match="format 'something/else'"):
-        data.read_dataset_info(str(tmp_path))
+        read_dataset_info(str(tmp_path))
     with pytest.raises(io.DatasetError, match="already holds prepared shards"):
         data.prepare_dataset(str(tmp_path), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="split 'test'"):
@@ -334,17 +342,17 @@ def prepared_local(ray_local, synth_root, tmp_path_factory) -> Path:
 
 @pytest.mark.ray
 def test_prepare_from_disk_writes_every_tile_once_and_splits_by_image(prepared_local, synth_root):
-    info = data.read_dataset_info(str(prepared_local))
+    info = read_dataset_info(str(prepared_local))
     all_ids = [ref.sample_id for ref in io.list_dsb_samples(str(synth_root))]
 
-    assert info["format"] == data.DATASET_FORMAT and info["tile_size"] == TILE
+    assert info["format"] == DATASET_FORMAT and info["tile_size"] == TILE
     assert info["source"] == str(synth_root)
     assert len(info["val"]["samples"]) == 3  # round(0.25 * 12)
     assert not set(info["train"]["samples"]) & set(info["val"]["samples"])
     assert sorted(info["train"]["samples"] + info["val"]["samples"]) == sorted(all_ids)
     expected = expected_tiles(synth_root, TILE)
     seen = {}
-    for split in data.SPLITS:
+    for split in SPLITS:
         rows = shard_rows(prepared_local, split)
         assert info[split]["tiles"] == len(rows)
         assert {row["sample_id"] for row in rows.values()} == set(info[split]["samples"])
@@ -356,7 +364,7 @@ def test_prepare_from_disk_writes_every_tile_once_and_splits_by_image(prepared_l
         assert row["image"] == image.tobytes() and row["labels"] == labels.tobytes()
     # whole validation images, one row each, pixel-identical to the source
     whole = {
-        name: (image, labels) for name, image, labels in data.read_split_images(str(prepared_local))
+        name: (image, labels) for name, image, labels in read_split_images(str(prepared_local))
     }
     assert sorted(whole) == sorted(info["val"]["samples"])
     for sample_id, (image, labels) in whole.items():
@@ -367,11 +375,9 @@ def test_prepare_from_disk_writes_every_tile_once_and_splits_by_image(prepared_l
         np.testing.assert_array_equal(image, source_image)
         np.testing.assert_array_equal(labels, source_labels)
     some = sorted(info["val"]["samples"])[1:]
-    assert [name for name, _, _ in data.read_split_images(str(prepared_local), some[::-1])] == some[
-        ::-1
-    ]
+    assert [name for name, _, _ in read_split_images(str(prepared_local), some[::-1])] == some[::-1]
     with pytest.raises(io.DatasetError, match="lacks validation images.*nope"):
-        list(data.read_split_images(str(prepared_local), ["nope"]))
+        list(read_split_images(str(prepared_local), ["nope"]))
     schema = pq.read_schema(next((prepared_local / "train").glob("*.parquet")))
     assert schema.field("row").type == "int32" and schema.field("image").type == "binary"
     metadata = pq.read_metadata(next((prepared_local / "train").glob("*.parquet")))
@@ -384,7 +390,7 @@ def test_prepare_is_deterministic_for_a_seed_and_from_a_zip(prepared_local, synt
     again = tmp_path / "again"
     data.prepare_dataset(str(archive), str(again), tile_size=TILE, val_fraction=0.25, seed=1)
 
-    for split in data.SPLITS:
+    for split in SPLITS:
         assert tile_digests(again, split) == tile_digests(prepared_local, split)
 
 
@@ -400,7 +406,7 @@ def test_bad_sample_is_named_and_leaves_no_dataset_json(ray_local, synth_root, t
 
     with pytest.raises(io.DatasetError, match=f"sample {bad_id}.*corrupt PNG"):
         data.prepare_dataset(str(broken), str(output), tile_size=TILE, val_fraction=0.25)
-    assert not data.is_prepared(str(output))
+    assert not is_prepared(str(output))
 
 
 @pytest.mark.ray
@@ -412,7 +418,7 @@ def test_prepare_reads_and_writes_s3(ray_local, synth_root, s3_bucket, s3_endpoi
         f"s3://{s3_bucket}/raw/stage1_train", output, tile_size=TILE, val_fraction=0.25, seed=1
     )
 
-    assert data.is_prepared(output) and data.read_dataset_info(output) == info
+    assert is_prepared(output) and read_dataset_info(output) == info
     expected = expected_tiles(synth_root, TILE)
     train_rows = data.load_split(output, "train").take_all()
     assert len(train_rows) == info["train"]["tiles"]
@@ -430,12 +436,12 @@ def test_local_shards_copied_to_s3_are_read_back(prepared_local, s3_bucket, s3_e
     assert set(datasets) == {"train"}  # validation reads whole images, not a Ray dataset
     batch = next(iter(datasets["train"].iter_batches(batch_size=4, batch_format="numpy")))
     assert batch["image"].shape == (4, 3, 32, 32)  # random 32-px crops of the 64-px tiles
-    local = {name: image for name, image, _ in data.read_split_images(str(prepared_local))}
-    remote = {name: image for name, image, _ in data.read_split_images(uri)}
+    local = {name: image for name, image, _ in read_split_images(str(prepared_local))}
+    remote = {name: image for name, image, _ in read_split_images(uri)}
     assert sorted(local) == sorted(remote)
     assert all(np.array_equal(local[name], remote[name]) for name in local)
-    train_tiles = data.read_dataset_info(uri)["train"]["tiles"]
-    assert data.load_split(uri, data.TRAIN_SPLIT, passes=2).count() == 2 * train_tiles
+    train_tiles = read_dataset_info(uri)["train"]["tiles"]
+    assert data.load_split(uri, TRAIN_SPLIT, passes=2).count() == 2 * train_tiles
 
 
 @pytest.mark.ray
@@ -449,11 +455,9 @@ def test_ensure_prepared_reuses_matching_shards_and_passes_shards_through(
     data.ensure_prepared(str(synth_root), str(cache), TILE, 0.25, 1)
     assert (cache / "dataset.json").stat().st_mtime_ns == first_mtime  # reused, not redone
     data.ensure_prepared(str(synth_root), str(cache), TILE, 0.25, 2)
-    reseeded = data.read_dataset_info(str(cache))
+    reseeded = read_dataset_info(str(cache))
     assert reseeded["seed"] == 2  # different seed: prepared again, with another split
-    assert (
-        reseeded["val"]["samples"] != data.read_dataset_info(str(prepared_local))["val"]["samples"]
-    )
+    assert reseeded["val"]["samples"] != read_dataset_info(str(prepared_local))["val"]["samples"]
     assert set(tile_digests(cache, "train")) | set(tile_digests(cache, "val")) == set(
         tile_digests(prepared_local, "train")
     ) | set(tile_digests(prepared_local, "val"))
@@ -468,7 +472,7 @@ def test_training_datasets_have_the_batch_format_and_new_augmentations_each_pass
 ):
     config = DataConfig(image_size=32, augment=True, elastic_probability=0.5)
     datasets = data.build_training_datasets(str(prepared_local), config, passes=2)
-    info = data.read_dataset_info(str(prepared_local))
+    info = read_dataset_info(str(prepared_local))
 
     batches = list(datasets["train"].iter_torch_batches(batch_size=8))
     assert sum(len(batch["image"]) for batch in batches) == 2 * info["train"]["tiles"]
@@ -544,11 +548,11 @@ def test_without_augmentation_every_pass_holds_each_full_tile_once(prepared_loca
     assert (
         len(set(one_pass))
         == len(one_pass)
-        == data.read_dataset_info(str(prepared_local))["train"]["tiles"]
+        == read_dataset_info(str(prepared_local))["train"]["tiles"]
     )
     assert dataset_images(three_passes) == sorted(one_pass * 3)
     with pytest.raises(ValueError, match="passes must be at least 1, got 0"):
-        data.load_split(str(prepared_local), data.TRAIN_SPLIT, passes=0)
+        data.load_split(str(prepared_local), TRAIN_SPLIT, passes=0)
 
 
 class CountingShard:
@@ -569,7 +573,7 @@ def test_stream_batches_feeds_the_epochs_from_one_execution_then_starts_another(
     from unet_ray.train import steps_per_worker_epoch, stream_batches
 
     config = DataConfig(image_size=TILE, augment=False)
-    tiles = data.read_dataset_info(str(prepared_local))["train"]["tiles"]
+    tiles = read_dataset_info(str(prepared_local))["train"]["tiles"]
     passes, batch_size = 2, 1
     shard = CountingShard(
         data.build_training_datasets(str(prepared_local), config, passes)["train"]

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from unet_ray.checkpoint import save_checkpoint
 from unet_ray.cli import main
 from unet_ray.core.config import Config, InstanceConfig
 from unet_ray.core.model import UNetVGG16BN
 from unet_ray.evaluate import evaluate_checkpoint, score_image, summarise_scores
-from unet_ray.io import list_dsb_samples
+from unet_ray.io.checkpoint import save_checkpoint
+from unet_ray.io.dsb import list_dsb_samples
 
 
 @pytest.fixture(scope="module")
 def raw_layout(tmp_path_factory):
-    from unet_ray.synth import write_synthetic_dataset
+    from unet_ray.io.synth import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("raw") / "stage1_train"
     write_synthetic_dataset(root, count=5, seed=3, min_side=64, max_side=96)
@@ -80,7 +80,7 @@ def test_checkpoint_without_recorded_split_asks_for_split_all(tmp_path, raw_layo
 
 
 def test_split_of_another_dataset_is_a_clear_error(checkpoint, tmp_path):
-    from unet_ray.synth import write_synthetic_dataset
+    from unet_ray.io.synth import write_synthetic_dataset
 
     other = tmp_path / "other" / "stage1_train"
     write_synthetic_dataset(other, count=2, seed=99, min_side=64, max_side=64)

@@ -13,7 +13,7 @@ from unet_ray.core.config import InstanceConfig
 from unet_ray.core.instances import contour_target, instance_labels, labels_from_mask
 from unet_ray.core.losses import contour_from_labels
 from unet_ray.core.metrics import compute_overlaps, dsb_image_score, iou_matrix
-from unet_ray.synth import place_nuclei
+from unet_ray.io.synth import place_nuclei
 
 SIZE = (96, 96)
 

@@ -16,32 +16,36 @@ import pytest
 import tifffile
 from PIL import Image
 
-from unet_ray.io import (
-    NORMALISE_HIGH_PERCENTILE,
-    NORMALISE_LOW_PERCENTILE,
-    WRITE_PROBE_NAME,
+from unet_ray.io.dsb import (
     DatasetError,
-    ImageReadError,
     SampleRef,
+    list_dsb_samples,
+    read_dsb_sample,
+    write_dsb_sample,
+)
+from unet_ray.io.files import (
+    WRITE_PROBE_NAME,
     check_writable,
-    decode_image,
-    decode_image_with_original,
-    encode_png,
     exists,
     fsspec_filesystem,
     is_s3,
     join_uri,
-    list_dsb_samples,
     list_files,
     make_dirs,
     read_bytes,
-    read_dsb_sample,
-    read_image,
     resolve_filesystem,
     write_bytes_atomic,
-    write_dsb_sample,
 )
-from unet_ray.synth import write_synthetic_dataset
+from unet_ray.io.images import (
+    NORMALISE_HIGH_PERCENTILE,
+    NORMALISE_LOW_PERCENTILE,
+    ImageReadError,
+    decode_image,
+    decode_image_with_original,
+    encode_png,
+    read_image,
+)
+from unet_ray.io.synth import write_synthetic_dataset
 
 # --------------------------------------------------------------------------------------------
 # helpers

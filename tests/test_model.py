@@ -9,16 +9,6 @@ import torch
 import torchvision
 from torch import nn
 
-from unet_ray.checkpoint import (
-    EncoderWeightsUnavailableError,
-    build_model,
-    file_sha256,
-    find_hub_encoder_weights,
-    hub_weights_path,
-    load_encoder_weights,
-    record_encoder_weights,
-    resolve_imagenet_weights,
-)
 from unet_ray.core.config import ModelConfig
 from unet_ray.core.model import (
     UNetVGG16BN,
@@ -29,6 +19,16 @@ from unet_ray.core.model import (
     freeze_encoder,
     parameter_groups,
     use_sync_batchnorm,
+)
+from unet_ray.io.checkpoint import (
+    EncoderWeightsUnavailableError,
+    build_model,
+    file_sha256,
+    find_hub_encoder_weights,
+    hub_weights_path,
+    load_encoder_weights,
+    record_encoder_weights,
+    resolve_imagenet_weights,
 )
 
 
@@ -266,7 +266,7 @@ def test_imagenet_weights_are_downloaded_into_the_hub_cache(
     import shutil
     import threading
 
-    from unet_ray import checkpoint as weights_module
+    from unet_ray.io import checkpoint as weights_module
 
     served = tmp_path / "served"
     served.mkdir()

@@ -174,11 +174,11 @@ def test_segmentation_survives_losing_the_actors_node(cluster, tmp_path):
     input ends ok or error in the manifest (none missing), and a rerun completes the rest."""
     import torch
 
-    from unet_ray.checkpoint import save_checkpoint
     from unet_ray.core.model import UNetVGG16BN
+    from unet_ray.io.checkpoint import save_checkpoint
+    from unet_ray.io.synth import generate_sample
+    from unet_ray.io.writers import output_names
     from unet_ray.segment import run_segmentation
-    from unet_ray.synth import generate_sample
-    from unet_ray.writers import output_names
 
     torch.manual_seed(0)
     checkpoint = str(tmp_path / "checkpoint")

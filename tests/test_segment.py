@@ -19,28 +19,25 @@ import torch
 from PIL import Image
 
 from unet_ray import io
-from unet_ray.checkpoint import load_model, save_checkpoint
 from unet_ray.core.config import Config, InstanceConfig, SegmentConfig
 from unet_ray.core.model import UNetVGG16BN
 from unet_ray.core.tiling import plan_for_scheme, plan_whole_image
+from unet_ray.io.checkpoint import load_model, save_checkpoint
+from unet_ray.io.synth import generate_sample
+from unet_ray.io.writers import MANIFEST_COLUMNS, image_stem, output_names, write_manifest
 from unet_ray.segment import (
-    MANIFEST_COLUMNS,
     TILED_MASK_AGREEMENT,
     TILED_MAX_PROBABILITY_DIFFERENCE,
     FinishImages,
     SegmentActor,
     drop_own_outputs,
-    image_stem,
     list_inputs,
     make_batch_predictor,
     predict_probabilities,
     run_segmentation,
     segment_image_file,
     triage_inputs,
-    write_manifest,
 )
-from unet_ray.synth import generate_sample
-from unet_ray.writers import output_names
 
 MODEL_SEED = 0
 STYLE_CYCLE = ("fluorescence", "he", "brightfield", "he")

@@ -22,15 +22,32 @@ import torch
 from PIL import Image
 
 from unet_ray import io, slides
-from unet_ray.checkpoint import save_checkpoint
-from unet_ray.core.config import Config, InstanceConfig, SegmentConfig
+from unet_ray.core.config import (
+    DEFAULT_HALO,
+    Config,
+    InstanceConfig,
+    SegmentConfig,
+    SlideConfig,
+    check_slide_config,
+)
 from unet_ray.core.model import UNetVGG16BN
+from unet_ray.core.regions import Box, plan_regions, tissue_mask
+from unet_ray.io import slide_reader
+from unet_ray.io.checkpoint import save_checkpoint
+from unet_ray.io.slide_reader import (
+    SlideReader,
+    best_level,
+    is_slide,
+    read_frame_window,
+    slide_intensity_range,
+)
+from unet_ray.io.slide_synth import Patch, tissue_patches, write_synthetic_slide
+from unet_ray.io.slide_writers import part_uri
+from unet_ray.io.synth import generate_sample
 from unet_ray.segment import make_batch_predictor, run_segmentation
-from unet_ray.slide_synth import Patch, tissue_patches, write_synthetic_slide
-from unet_ray.synth import generate_sample
 
 REGION, HALO = 256, 128  # four regions on the 512 x 512 seam slide; the default halo
-SLIDE_CONFIG = slides.SlideConfig(region=REGION, halo=HALO)
+SLIDE_CONFIG = SlideConfig(region=REGION, halo=HALO)
 SEGMENT = SegmentConfig(workers=2, batch_size=4)
 TRAIN_STEPS = 8  # SGD steps on synthetic H&E: enough for steep, nucleus-shaped probabilities
 MATCH_IOU = 0.95
@@ -135,7 +152,7 @@ def straddling_labels(labels: np.ndarray, seam: int) -> list[int]:
 
 
 def test_regions_partition_the_frame_and_clip_their_windows():
-    regions = slides.plan_regions(600, 1000, 256, 64, 32)
+    regions = plan_regions(600, 1000, 256, 64, 32)
     assert len(regions) == 3 * 4
     covered = np.zeros((600, 1000), dtype=int)
     for region in regions:
@@ -144,8 +161,8 @@ def test_regions_partition_the_frame_and_clip_their_windows():
         assert region.spill.top >= region.window.top and region.spill.bottom <= region.window.bottom
     assert (covered == 1).all()
     last = regions[-1]
-    assert last.core == slides.Box(512, 600, 768, 1000)
-    assert last.window == slides.Box(448, 600, 704, 1000)
+    assert last.core == Box(512, 600, 768, 1000)
+    assert last.window == Box(448, 600, 704, 1000)
 
 
 def test_segment_command_takes_the_slide_flags():
@@ -154,30 +171,30 @@ def test_segment_command_takes_the_slide_flags():
     args = build_parser().parse_args(
         ["segment", "ckpt", "in", "out", "--mpp", "0.5", "--region", "2048", "--no-tissue-mask"]
     )
-    assert slides.slide_config_from_args(args) == slides.SlideConfig(
-        region=2048, halo=slides.DEFAULT_HALO, mpp=0.5, tissue_mask=False
+    assert slides.slide_config_from_args(args) == SlideConfig(
+        region=2048, halo=DEFAULT_HALO, mpp=0.5, tissue_mask=False
     )
     defaults = slides.slide_config_from_args(build_parser().parse_args(["segment", "c", "i", "o"]))
-    assert defaults == slides.SlideConfig()
+    assert defaults == SlideConfig()
 
 
 def test_bad_slide_flags_name_the_fix():
     with pytest.raises(ValueError, match="multiple of 256; try 512"):
-        slides.check_slide_config(slides.SlideConfig(region=500), SegmentConfig())
+        check_slide_config(SlideConfig(region=500), SegmentConfig())
     with pytest.raises(ValueError, match="must exceed the tile overlap"):
-        slides.check_slide_config(slides.SlideConfig(halo=32), SegmentConfig(overlap=32))
+        check_slide_config(SlideConfig(halo=32), SegmentConfig(overlap=32))
 
 
 def test_windows_read_the_slide_pixels_at_each_resolution(tmp_path):
     patch = seam_patch()
     path = str(tmp_path / "slide.ome.tif")
     levels = write_synthetic_slide(path, 512, 512, [patch], mpp=0.25)
-    reader = slides.SlideReader(path)
+    reader = SlideReader(path)
     assert reader.mpp == pytest.approx(0.25) and len(reader.level_dimensions) == levels == 1
-    box = slides.Box(100, 260, 300, 512)
-    assert np.array_equal(slides.read_frame_window(reader, box, 1.0), patch.pixels[100:260, 300:])
+    box = Box(100, 260, 300, 512)
+    assert np.array_equal(read_frame_window(reader, box, 1.0), patch.pixels[100:260, 300:])
     # --mpp 0.5 on a 0.25-um slide: a frame of half the size, pixels averaged 2 x 2
-    half = slides.read_frame_window(reader, slides.Box(0, 256, 0, 256), 2.0)
+    half = read_frame_window(reader, Box(0, 256, 0, 256), 2.0)
     expected = patch.pixels.reshape(256, 2, 256, 2, 3).mean(axis=(1, 3))
     assert half.shape == (256, 256, 3)
     assert np.abs(half.astype(float) - expected).mean() < 1.0
@@ -187,10 +204,10 @@ def test_pyramid_level_is_read_when_coarser_mpp_is_asked(tmp_path):
     patches = tissue_patches([(0, 0, 1024, 1024)], seed=5)
     path = str(tmp_path / "pyramid.tif")
     assert write_synthetic_slide(path, 1024, 1024, patches, mpp=0.25) == 2
-    reader = slides.SlideReader(path)
-    assert slides.best_level(reader.level_downsamples, 2.0) == 1
-    assert slides.best_level(reader.level_downsamples, 1.5) == 0
-    window = slides.read_frame_window(reader, slides.Box(10, 100, 20, 90), 2.0)
+    reader = SlideReader(path)
+    assert best_level(reader.level_downsamples, 2.0) == 1
+    assert best_level(reader.level_downsamples, 1.5) == 0
+    window = read_frame_window(reader, Box(10, 100, 20, 90), 2.0)
     level_one = reader.read(1, 0, 0, 512, 512)
     assert np.array_equal(window, level_one[10:100, 20:90])
 
@@ -209,18 +226,18 @@ def test_aperio_svs_is_a_slide_with_its_resolution(tmp_path):
         compression="zlib",
         description=description,
     )
-    assert slides.is_slide(str(path), region=4096)  # the suffix decides, whatever the size
-    reader = slides.SlideReader(str(path))
+    assert is_slide(str(path), region=4096)  # the suffix decides, whatever the size
+    reader = SlideReader(str(path))
     assert reader.mpp == pytest.approx(0.499)
-    box = slides.Box(10, 110, 300, 500)
-    assert np.array_equal(slides.read_frame_window(reader, box, 1.0), pixels[10:110, 300:500])
+    box = Box(10, 110, 300, 500)
+    assert np.array_equal(read_frame_window(reader, box, 1.0), pixels[10:110, 300:500])
 
 
 def test_mpp_without_a_slide_resolution_is_a_clear_error(tmp_path):
     path = str(tmp_path / "no_mpp.tif")
     write_synthetic_slide(path, 512, 512, [seam_patch()], mpp=None)
     with pytest.raises(slides.SlideError, match=r"no_mpp.tif: --mpp 0.5 asked.*leave --mpp out"):
-        slides.plan_slide(path, str(tmp_path / "out"), slides.SlideConfig(mpp=0.5), SEGMENT)
+        slides.plan_slide(path, str(tmp_path / "out"), SlideConfig(mpp=0.5), SEGMENT)
 
 
 def test_slide_window_from_s3_equals_local(tmp_path, s3_bucket):
@@ -231,9 +248,9 @@ def test_slide_window_from_s3_equals_local(tmp_path, s3_bucket):
     write_synthetic_slide(str(path), 512, 512, [patch], mpp=0.5)
     boto3.client("s3").upload_file(str(path), s3_bucket, "slides/remote.ome.tif")
     uri = f"s3://{s3_bucket}/slides/remote.ome.tif"
-    assert slides.is_slide(uri, 256) and not slides.is_slide(uri, 512)
-    reader = slides.SlideReader(uri)
-    window = slides.read_frame_window(reader, slides.Box(200, 300, 0, 128), 1.0)
+    assert is_slide(uri, 256) and not is_slide(uri, 512)
+    reader = SlideReader(uri)
+    window = read_frame_window(reader, Box(200, 300, 0, 128), 1.0)
     reader.close()
     assert np.array_equal(window, patch.pixels[200:300, :128])
 
@@ -246,7 +263,7 @@ def test_dispatch_sends_only_large_tiffs_and_slide_formats_to_the_slide_path(tmp
     png = tmp_path / "big.png"
     Image.fromarray(np.zeros((600, 600, 3), np.uint8)).save(png)
     inputs = [large, str(plain), str(png), str(tmp_path / "case.svs"), "x.labels.ome.tif"]
-    found, images = slides.partition_inputs(inputs, slides.SlideConfig(region=512), SEGMENT)
+    found, images = slides.partition_inputs(inputs, SlideConfig(region=512), SEGMENT)
     assert found == [large, str(tmp_path / "case.svs")]
     assert images == [str(plain), str(png)]
 
@@ -266,14 +283,14 @@ def test_a_16_bit_slide_is_scaled_once_per_slide_like_a_whole_image(tmp_path, mo
     reading the whole file as an image gives."""
     path = tmp_path / "scan16.tif"
     write_16_bit_slide(path)
-    assert slides.is_slide(str(path), region=REGION)
-    reader = slides.SlideReader(str(path))
+    assert is_slide(str(path), region=REGION)
+    reader = SlideReader(str(path))
     with pytest.raises(io.ImageReadError, match="scan16.tif: uint16 pixels and no intensity"):
         reader.read(0, 0, 0, 8, 8)
-    reader.intensity = slides.slide_intensity_range(reader)
+    reader.intensity = slide_intensity_range(reader)
     whole = io.read_image(str(path))  # the whole-image path: uint8 by its own percentiles
-    box = slides.Box(100, 400, 37, 300)
-    window = slides.read_frame_window(reader, box, 1.0)
+    box = Box(100, 400, 37, 300)
+    window = read_frame_window(reader, box, 1.0)
     assert window.dtype == np.uint8 and np.array_equal(window, whole[100:400, 37:300])
     reader.close()
     plan = slides.plan_slide(str(path), str(tmp_path / "out"), SLIDE_CONFIG, SEGMENT)
@@ -283,9 +300,9 @@ def test_a_16_bit_slide_is_scaled_once_per_slide_like_a_whole_image(tmp_path, mo
     with open(path, "r+b") as stream:
         stream.seek(offset)
         stream.write(b"\x00" * count)
-    monkeypatch.setattr(slides, "INTENSITY_BLOCK", 256)  # four blocks on this small slide
-    damaged = slides.SlideReader(str(path))
-    low, high = slides.slide_intensity_range(damaged)
+    monkeypatch.setattr(slide_reader, "INTENSITY_BLOCK", 256)  # four blocks on this small slide
+    damaged = SlideReader(str(path))
+    low, high = slide_intensity_range(damaged)
     damaged.close()
     assert 3000 <= low < high < 65535 and (low, high) != tuple(plan.intensity)
     eight_bit = tmp_path / "scan8.tif"
@@ -312,12 +329,12 @@ def test_tissue_mask_keeps_only_regions_with_tissue(tmp_path):
     plan = slides.plan_slide(str(path), str(tmp_path / "out"), SLIDE_CONFIG, SEGMENT)
     assert plan.to_segment == ["r0000_c0000", "r0000_c0001"]
     assert len(plan.skipped) == 22
-    everything = slides.SlideConfig(region=REGION, halo=HALO, tissue_mask=False)
+    everything = SlideConfig(region=REGION, halo=HALO, tissue_mask=False)
     plan = slides.plan_slide(str(path), str(tmp_path / "out"), everything, SEGMENT)
     assert len(plan.to_segment) == 24 and not plan.skipped
     gray = np.full((64, 64, 3), 200, np.uint8)
     gray[20:40, 20:40] = 90
-    assert slides.tissue_mask(gray) is None  # no colour contrast: nothing is skipped
+    assert tissue_mask(gray) is None  # no colour contrast: nothing is skipped
 
 
 def test_post_beside_inference_counts_only_the_same_actors_other_regions():
@@ -365,14 +382,14 @@ def test_both_stages_in_process_pass_errors_on_and_retry_writing_on_the_same_map
     assert inferred["spill_image"][0].shape == (spill, spill, 3)
     assert not Path(plan.parts_uri).exists()  # stage 1 writes nothing
 
-    blocked = Path(slides.part_uri(plan, "r0000_c0001"))
+    blocked = Path(part_uri(plan, "r0000_c0001"))
     (blocked / "in_the_way").mkdir(parents=True)  # its part cannot replace a folder
     finish = slides.FinishRegions(dataclasses.asdict(InstanceConfig()))
     with caplog.at_level(logging.WARNING, logger="unet_ray.slides"):
         result = finish(inferred)
     assert list(result) == list(slides.RESULT_COLUMNS)
     assert list(result["status"]) == ["ok", "error", "error"]
-    assert result["nuclei"][0] > 0 and Path(slides.part_uri(plan, "r0000_c0000")).is_file()
+    assert result["nuclei"][0] > 0 and Path(part_uri(plan, "r0000_c0000")).is_file()
     assert result["message"][1].startswith("labelling or writing its part failed: IsADirectory")
     tries = [record.message for record in caplog.records if "r0000_c0001" in record.message]
     assert len(tries) == slides.REGION_ATTEMPTS
@@ -453,7 +470,7 @@ def test_outputs_are_pyramidal_and_label_ids_agree_across_files(job):
 @pytest.mark.ray
 def test_regions_give_the_same_nuclei_as_one_image(job, checkpoint):
     """Nuclei across the seams at 256: found once, whole, as when the slide is one image."""
-    from unet_ray.checkpoint import load_model
+    from unet_ray.io.checkpoint import load_model
 
     _, output = job
     regional = tifffile.imread(output / "seams.labels.ome.tif")
@@ -541,7 +558,7 @@ def test_a_region_failing_after_inference_is_recorded_and_a_rerun_resumes(
     write_sparse_slide(inputs / "blocked.tif")  # tissue in regions (0, 0) and (0, 1)
     plan = slides.plan_slide(str(inputs / "blocked.tif"), str(output), SLIDE_CONFIG, SEGMENT)
     slides.claim_parts(plan, slides.parts_signature(plan, checkpoint, SEGMENT, InstanceConfig()))
-    blocked = Path(slides.part_uri(plan, "r0000_c0001"))
+    blocked = Path(part_uri(plan, "r0000_c0001"))
     (blocked / "in_the_way").mkdir(parents=True)  # the job's parts folder, as the job claims it
     summary = run_segmentation(
         checkpoint, str(inputs), str(output), SEGMENT, InstanceConfig(), slide=SLIDE_CONFIG
@@ -571,7 +588,7 @@ def test_a_region_failing_after_inference_is_recorded_and_a_rerun_resumes(
 
 def test_gzipped_geojson_holds_slide_wide_labels(tmp_path):
     """Above GEOJSON_GZIP_NUCLEI nuclei the GeoJSON is gzipped; labels get the region offset."""
-    from unet_ray import slide_writers
+    from unet_ray.io import slide_writers
 
     names = slide_writers.output_names("case", gzipped=True)
     assert names["geojson"] == "case.geojson.gz"
@@ -596,7 +613,7 @@ def test_gzipped_geojson_holds_slide_wide_labels(tmp_path):
     kept[10:20, 10:20], kept[100:130, 50:60] = 1, 2
     image = np.zeros((256, 256, 3), np.uint8)
     io.write_bytes_atomic(
-        slides.part_uri(plan, region.key),
+        part_uri(plan, region.key),
         slide_writers.encode_region_part(kept, image, region, 1.0),
     )
     parts = slide_writers.PartCache(plan)
@@ -614,7 +631,7 @@ def test_parts_of_a_run_with_other_settings_are_not_reused(tmp_path):
     plan = slides.plan_slide(str(path), str(tmp_path / "out"), SLIDE_CONFIG, SEGMENT)
     signature = slides.parts_signature(plan, "ckpt", SEGMENT, InstanceConfig())
     slides.claim_parts(plan, signature)
-    part = Path(slides.part_uri(plan, "r0000_c0000"))
+    part = Path(part_uri(plan, "r0000_c0000"))
     part.write_bytes(b"a finished region")
     plan.done = ["r0000_c0000"]
     slides.claim_parts(plan, signature)  # same settings: resumed

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from unet_ray.io import SampleRef, list_dsb_samples, read_bytes, read_dsb_sample, write_dsb_sample
-from unet_ray.synth import STYLES, generate_sample, write_synthetic_dataset
+from unet_ray.io.dsb import SampleRef, list_dsb_samples, read_dsb_sample, write_dsb_sample
+from unet_ray.io.files import read_bytes
+from unet_ray.io.synth import STYLES, generate_sample, write_synthetic_dataset
 
 HEX_DIGITS = set("0123456789abcdef")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from unet_ray import io
-from unet_ray.checkpoint import load_model
 from unet_ray.cli import build_parser, config_from_args, main
 from unet_ray.core.config import Config
+from unet_ray.io.checkpoint import load_model
 from unet_ray.train import registered_epochs, run_training
 
 pytestmark = pytest.mark.ray
@@ -75,7 +75,7 @@ def check_evaluate_output(checkpoint: str, prepared: str, capsys) -> None:
 
 
 def io_val_samples(prepared: str) -> list[str]:
-    from unet_ray.data import read_dataset_info
+    from unet_ray.io.prepared import read_dataset_info
 
     return sorted(read_dataset_info(prepared)["val"]["samples"])
 
@@ -86,8 +86,8 @@ def test_tiny_overfit_reaches_high_validation_dice(ray_local, tmp_path):
     """Fluorescence-style synthetic images, no augmentation: the whole Ray pipeline must learn."""
     import numpy as np
 
-    from unet_ray.io import write_dsb_sample
-    from unet_ray.synth import generate_sample
+    from unet_ray.io.dsb import write_dsb_sample
+    from unet_ray.io.synth import generate_sample
 
     raw = tmp_path / "raw"
     rng = np.random.default_rng(3)

@@ -11,9 +11,9 @@ import pytest
 import tifffile
 
 from unet_ray.core.instances import labels_from_mask
-from unet_ray.io import decode_image
-from unet_ray.synth import generate_sample
-from unet_ray.writers import (
+from unet_ray.io.images import decode_image
+from unet_ray.io.synth import generate_sample
+from unet_ray.io.writers import (
     NUCLEI_COLUMNS,
     OUTLINE_COLOUR,
     encode_geojson,

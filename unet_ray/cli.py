@@ -237,7 +237,7 @@ def absolute_path(uri: str | None) -> str | None:
 
 
 def command_synth(args: argparse.Namespace) -> int:
-    from unet_ray.synth import write_synthetic_dataset
+    from unet_ray.io.synth import write_synthetic_dataset
 
     ids = write_synthetic_dataset(
         args.out, count=args.count, seed=args.seed, min_side=args.min_side, max_side=args.max_side

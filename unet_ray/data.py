@@ -36,7 +36,6 @@ after the augmentation is materialised.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -48,48 +47,34 @@ import pyarrow as pa
 
 from unet_ray import io
 from unet_ray.core.config import SIZE_MULTIPLE, DataConfig
+from unet_ray.io.images import RGB_CHANNELS, UINT8_MAX
+from unet_ray.io.prepared import (
+    DATASET_FORMAT,
+    DATASET_INFO_FILE,
+    IMAGE_SCHEMA,
+    SPLITS,
+    TILE_SCHEMA,
+    TRAIN_SPLIT,
+    VAL_IMAGES_DIR,
+    VAL_SPLIT,
+    count_rows,
+    is_prepared,
+    normalise_uri,
+    read_dataset_info,
+    remove_dataset_info,
+)
 
 # albumentations asks PyPI for a newer version on import unless told not to; never go online.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 logger = logging.getLogger(__name__)
 
-DATASET_FORMAT = "unet_ray.tiles/2"  # /2: evenly spaced tiles, whole validation images
-DATASET_INFO_FILE = "dataset.json"
-TRAIN_SPLIT = "train"
-VAL_SPLIT = "val"
-SPLITS = (TRAIN_SPLIT, VAL_SPLIT)
-VAL_IMAGES_DIR = "val_images"  # whole validation images, one row each
-RGB_CHANNELS = 3
 PADDING_MODE = "symmetric"  # the report's "symmetrically padded"
 PARQUET_COMPRESSION = "zstd"
 MIN_TILES_PER_SHARD = 64  # rows per Parquet file (~30 MB raw at 256 px): parallel reads
 SAMPLES_PER_READ_TASK = 4  # raw samples read and tiled per Ray task while preparing
 AUGMENT_BATCH_SIZE = 16  # tiles per map_batches call (float32 output: ~1.3 MB per 256^2 tile)
-UINT8_MAX = 255.0
 
-TILE_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.string()),  # the source image (DSB2018 sample id)
-        ("tile_id", pa.string()),  # <sample_id>_r<row>_c<col>
-        ("row", pa.int32()),  # tile grid position in its source image
-        ("col", pa.int32()),
-        ("height", pa.int32()),  # tile side (= tile_size)
-        ("width", pa.int32()),
-        ("image", pa.binary()),  # height*width*3 uint8, C-order RGB
-        ("labels", pa.binary()),  # height*width int32 instance labels; mask = labels > 0
-    ]
-)
-
-IMAGE_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("image", pa.binary()),  # height*width*3 uint8 RGB
-        ("labels", pa.binary()),  # height*width int32 instance labels
-    ]
-)
 
 # Augmentation strengths (albumentations 2.x); elastic is slow, so it has its own probability.
 FLIP_PROBABILITY = 0.5
@@ -371,86 +356,7 @@ def _write_parquet_job(
     return count_rows(uri)
 
 
-def read_split_images(prepared_uri: str, sample_ids: list[str] | None = None):
-    """(sample_id, RGB uint8 image, int32 labels) of the whole validation images of prepared
-    shards, in ``sample_ids`` order (all of them, sorted, when None). Only the row groups of the
-    requested images are read."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    uri = io.join_uri(str(prepared_uri), VAL_IMAGES_DIR)
-    filesystem, path = io.resolve_filesystem(uri)
-    if sample_ids is not None and not sample_ids:
-        return
-    dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
-    wanted = None if sample_ids is None else pc.field("sample_id").isin(list(sample_ids))
-    table = dataset.to_table(filter=wanted)
-    rows = {row["sample_id"]: row for row in table.to_pylist()}
-    order = sorted(rows) if sample_ids is None else list(sample_ids)
-    missing = [sample_id for sample_id in order if sample_id not in rows]
-    if missing:
-        raise io.DatasetError(f"prepared dataset {prepared_uri} lacks validation images {missing}")
-    for sample_id in order:
-        row = rows.pop(sample_id)
-        shape = (row["height"], row["width"])
-        image = np.frombuffer(row["image"], dtype=np.uint8).reshape(*shape, RGB_CHANNELS)
-        labels = np.frombuffer(row["labels"], dtype=np.int32).reshape(shape)
-        yield sample_id, image, labels
-
-
-def count_rows(split_uri: str) -> int:
-    """Rows in the Parquet files under a folder, from their footers (no data read)."""
-    import pyarrow.dataset as pads
-
-    filesystem, path = io.resolve_filesystem(split_uri)
-    return pads.dataset(path, filesystem=filesystem, format="parquet").count_rows()
-
-
-def remove_dataset_info(output: str) -> None:
-    """Delete OUTPUT/dataset.json so an interrupted prepare never looks complete."""
-    filesystem, path = io.resolve_filesystem(io.join_uri(output, DATASET_INFO_FILE))
-    with contextlib.suppress(FileNotFoundError):
-        filesystem.delete_file(path)
-
-
-def normalise_uri(uri: str) -> str:
-    """s3:// URIs without a trailing slash; local paths absolute (Ray workers may run in
-    another working directory)."""
-    uri = str(uri)
-    if io.is_s3(uri):
-        return uri.rstrip("/")
-    return os.path.abspath(os.path.expanduser(uri))
-
-
 # ----------------------------------------------------------------------------- prepared datasets
-
-
-def is_prepared(uri: str) -> bool:
-    """Whether ``uri`` holds prepared shards (its dataset.json exists)."""
-    try:
-        return io.exists(io.join_uri(str(uri), DATASET_INFO_FILE))
-    except (OSError, ValueError):
-        return False
-
-
-def read_dataset_info(uri: str) -> dict:
-    """The dataset.json of prepared shards; DatasetError when missing or not ours."""
-    info_uri = io.join_uri(str(uri), DATASET_INFO_FILE)
-    try:
-        info = json.loads(io.read_bytes(info_uri))
-    except FileNotFoundError as error:
-        raise io.DatasetError(
-            f"{uri} is not a prepared dataset (no {DATASET_INFO_FILE}); "
-            f"run `unet-ray prepare SRC {uri}` first"
-        ) from error
-    except json.JSONDecodeError as error:
-        raise io.DatasetError(f"{info_uri} is not valid JSON ({error})") from error
-    if not isinstance(info, dict) or info.get("format") != DATASET_FORMAT:
-        found = info.get("format") if isinstance(info, dict) else type(info).__name__
-        raise io.DatasetError(
-            f"{info_uri} has format {found!r}, expected {DATASET_FORMAT!r}; prepare it again"
-        )
-    return info
 
 
 def ensure_prepared(

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from unet_ray import io
-from unet_ray.checkpoint import load_model
 from unet_ray.core.config import EVALUATE_SPLITS, Config, InstanceConfig, SegmentConfig
 from unet_ray.core.instances import contour_target
 from unet_ray.core.metrics import (
@@ -26,6 +25,7 @@ from unet_ray.core.metrics import (
     pixel_counts,
 )
 from unet_ray.core.tiling import predict_tiled
+from unet_ray.io.checkpoint import load_model
 from unet_ray.segment import labels_from_maps, make_batch_predictor, plan_image, sigmoid_in_place
 
 COUNT_KEYS = ("tp", "fp", "fn", "inst_tp", "inst_fp", "inst_fn")
@@ -89,7 +89,7 @@ def iterate_samples(
     samples, or the ``val`` / ``train`` images of the split recorded in the checkpoint
     (``recorded``, the sample ids `prepare` put in each split).
     """
-    from unet_ray.data import is_prepared, read_split_images
+    from unet_ray.io.prepared import is_prepared, read_split_images
 
     if split not in EVALUATE_SPLITS:
         raise ValueError(f"--split {split!r} is not one of {EVALUATE_SPLITS}")

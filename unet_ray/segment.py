@@ -31,7 +31,6 @@ mosaics) the default's masks agree on 99.95 % of the pixels of an 896^2 mosaic a
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import io as bytes_io
 import logging
@@ -50,15 +49,25 @@ import numpy as np
 from unet_ray import io
 from unet_ray.core.config import Config, InstanceConfig, SegmentConfig
 from unet_ray.core.tiling import TilePlan, check_tile_geometry, plan_for_scheme, predict_tiled
+from unet_ray.io.files import is_file
+from unet_ray.io.writers import (
+    MANIFEST_NAME,
+    MANIFEST_STATUSES,
+    OUTPUT_SUFFIXES,
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_SKIPPED,
+    encode_outputs,
+    image_stem,
+    manifest_row,
+    output_names,
+    read_previous_nuclei,
+    write_manifest,
+)
 from unet_ray.progress import Progress
-from unet_ray.writers import OUTPUT_SUFFIXES, encode_outputs, output_names
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.csv"
-MANIFEST_COLUMNS = ("input", "status", "message", "nuclei", "seconds")
-STATUS_OK, STATUS_ERROR, STATUS_SKIPPED = "ok", "error", "skipped"
-MANIFEST_STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_SKIPPED)
 UNKNOWN_NUCLEI = -1  # nuclei count of an error row while it travels through Ray Data
 EXIT_OK, EXIT_FAILED = 0, 1
 PIXEL_SCALE = 255.0  # uint8 image -> network input in [0, 1]
@@ -144,24 +153,6 @@ def plan_image(height: int, width: int, segment: SegmentConfig) -> TilePlan:
 # ----------------------------------------------------------------------------- one image
 
 
-def image_stem(uri: str) -> str:
-    """The file name without its last suffix: ``s3://b/x/slide.1.tif`` -> ``slide.1``."""
-    return PurePosixPath(str(uri).replace("\\", "/")).stem
-
-
-def manifest_row(
-    uri: str, status: str, message: str = "", nuclei: int | str = "", seconds: float = 0.0
-) -> dict[str, Any]:
-    """One manifest row; ``nuclei`` is blank when unknown (errors)."""
-    return {
-        "input": uri,
-        "status": status,
-        "message": message,
-        "nuclei": nuclei,
-        "seconds": round(seconds, 3),
-    }
-
-
 def one_line(error: BaseException) -> str:
     """``Type: first line of the message``, without terminal colour codes."""
     lines = ANSI_ESCAPE.sub("", str(error)).strip().splitlines()
@@ -183,7 +174,7 @@ class SegmentActor:
     def __init__(self, checkpoint: str, segment: dict[str, Any], threads: int = 1):
         import torch
 
-        from unet_ray.checkpoint import load_model
+        from unet_ray.io.checkpoint import load_model
 
         self.segment = SegmentConfig(**segment)
         self.device = select_device(self.segment.use_gpu)
@@ -380,18 +371,11 @@ class SegmentSummary:
         return EXIT_FAILED if self.error else EXIT_OK
 
 
-def is_file(uri: str) -> bool:
-    import pyarrow.fs as pafs
-
-    filesystem, path = io.resolve_filesystem(uri)
-    return filesystem.get_file_info(path).type == pafs.FileType.File
-
-
 def list_inputs(input_uri: str) -> list[str]:
     """The image URIs of a folder/prefix (not recursive), or ``[input_uri]`` for one image file."""
     if is_file(input_uri):
         return [str(input_uri)]
-    from unet_ray.slides import SLIDE_SUFFIXES
+    from unet_ray.io.slide_reader import SLIDE_SUFFIXES
 
     found = io.list_files(input_uri, io.IMAGE_SUFFIXES + SLIDE_SUFFIXES)
     if not found:
@@ -419,21 +403,6 @@ def outputs_complete(stem: str, names: set[str]) -> bool:
     return all(name in names for name in output_names(stem).values())
 
 
-def read_previous_nuclei(manifest_uri: str) -> dict[str, str]:
-    """{input: nuclei} of an earlier manifest, so skipped rows keep their counts."""
-    if not io.exists(manifest_uri):
-        return {}
-    try:
-        text = io.read_bytes(manifest_uri).decode()
-    except (OSError, UnicodeDecodeError):
-        return {}
-    return {
-        row["input"]: row.get("nuclei", "")
-        for row in csv.DictReader(bytes_io.StringIO(text))
-        if row.get("status") in (STATUS_OK, STATUS_SKIPPED) and "input" in row
-    }
-
-
 def triage_inputs(
     inputs: list[str], output_uri: str, overwrite: bool
 ) -> tuple[list[str], list[dict[str, Any]]]:
@@ -459,17 +428,6 @@ def triage_inputs(
         else:
             to_run.append(uri)
     return to_run, rows
-
-
-def write_manifest(rows: list[dict[str, Any]], manifest_uri: str) -> None:
-    """``manifest.csv`` sorted by input, written whole."""
-    buffer = bytes_io.StringIO()
-    writer = csv.DictWriter(
-        buffer, fieldnames=list(MANIFEST_COLUMNS), lineterminator="\n", extrasaction="ignore"
-    )
-    writer.writeheader()
-    writer.writerows(sorted(rows, key=lambda row: row["input"]))
-    io.write_bytes_atomic(manifest_uri, buffer.getvalue().encode())
 
 
 def default_cpus_per_worker(workers: int, use_gpu: bool) -> float:
@@ -663,7 +621,7 @@ def run_segmentation(
     ``segment.overwrite``. Bad inputs become error rows; the summary's ``exit_code`` is 1 then.
     Bad usage (geometry, an unwritable ``output_uri``, a bad checkpoint) raises before any work.
     """
-    from unet_ray.checkpoint import load_model
+    from unet_ray.io.checkpoint import load_model
 
     check_tile_geometry(segment.tile, segment.overlap)
     if segment.workers < 1 or segment.batch_size < 1:
@@ -789,7 +747,7 @@ def segment_main(args: argparse.Namespace) -> int:
     # Ray's actors run in another working directory: local paths are the user's, made absolute
     for name in ("checkpoint", "input", "output"):
         setattr(args, name, absolute_path(getattr(args, name)))
-    from unet_ray.checkpoint import read_checkpoint_info
+    from unet_ray.io.checkpoint import read_checkpoint_info
 
     saved = Config.from_dict(read_checkpoint_info(args.checkpoint).get("config", {})).instances
     segment, instances = configs_from_args(args, saved)

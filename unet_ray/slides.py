@@ -41,7 +41,6 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -57,7 +56,6 @@ from unet_ray.core.config import (
     check_slide_config,
 )
 from unet_ray.core.regions import (
-    Box,
     Region,
     keep_owned_nuclei,
     overview_shape,
@@ -65,23 +63,30 @@ from unet_ray.core.regions import (
     region_has_tissue,
     tissue_mask,
 )
+from unet_ray.io.slide_reader import (
+    SlideReader,
+    is_slide,
+    read_frame_window,
+    read_overview,
+    slide_intensity_range,
+)
+from unet_ray.io.slide_writers import (
+    PARTS_SUFFIX,
+    SUMMARY_SUFFIX,
+    existing_parts,
+    is_own_output,
+    part_uri,
+)
+from unet_ray.io.writers import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED
 
 logger = logging.getLogger(__name__)
 
-OVERVIEW_BLOCK = 4096  # level pixels read at a time when the overview comes from a big level
 MPP_MISMATCH_RATIO = 1.5  # warn when segmenting this much finer/coarser than the model learnt
-LEVEL_TOLERANCE = 1.01  # a level up to 1 % coarser than the frame is still read (rounding)
 REGION_ATTEMPTS = 2  # tries of a region in each stage before it is recorded failed
 READER_CACHE = 2  # open slides kept per actor (regions of one slide usually arrive together)
 TASKS_IN_FLIGHT_PER_ACTOR = 2
 TASK_RETRIES = 2  # Ray retries of a region whose actor (either stage) died
-OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
-TIFF_SUFFIXES = (".tif", ".tiff")
-SLIDE_SUFFIXES = OPENSLIDE_SUFFIXES  # listed as inputs besides io.IMAGE_SUFFIXES
-PARTS_SUFFIX = ".parts"  # <stem>.parts/: one file per finished region
 PARTS_SIGNATURE = "signature.json"  # in the parts folder: the settings its parts were made with
-SUMMARY_SUFFIX = ".slide.json"
-STATUS_OK, STATUS_ERROR, STATUS_SKIPPED = "ok", "error", "skipped"
 RESULT_COLUMNS = (  # one row per region, from stage 2 (FinishRegions) to the driver
     "slide",
     "region",
@@ -103,8 +108,6 @@ RESULT_COLUMNS = (  # one row per region, from stage 2 (FinishRegions) to the dr
     "post_actor",  # the post-processing worker, node:pid ("" when stage 1 failed)
 )
 TIMING_KEYS = ("read_s", "infer_s", "post_s", "write_s")
-INTENSITY_SAMPLE_SIDE = 2048  # 16-bit/float slides: percentiles from the coarsest level this large
-INTENSITY_BLOCK = 512  # ... read in blocks of this side (a damaged tile loses only its block)
 STAMP_KEYS = ("infer_start", "infer_end", "post_start", "post_end")
 NUMBER_COLUMNS = (*TIMING_KEYS, *STAMP_KEYS, "peak_rss_mb", "post_peak_rss_mb")
 
@@ -117,258 +120,6 @@ class SlideError(ValueError):
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-class SlideReader:
-    """Windows of a slide (``tiffslide``, or OpenSlide for the formats only it reads).
-
-    Local paths and ``s3://`` URIs (through fsspec/s3fs, ``AWS_ENDPOINT_URL`` honoured); pixels
-    come back as RGB uint8 arrays (grayscale repeated, alpha dropped). A slide of other pixel
-    types (16-bit, float) is scaled to 8 bits with ``intensity``, the (low, high) range of the
-    whole slide (``slide_intensity_range``), so every region of it is scaled alike."""
-
-    def __init__(self, uri: str, intensity: tuple[float, float] | list[float] | None = None):
-        self.uri = str(uri)
-        self.intensity = tuple(intensity) if intensity is not None else None
-        self._file = None
-        self._slide = open_slide_backend(self.uri, self)
-        self._is_openslide = type(self._slide).__module__.startswith("openslide")
-        self.level_dimensions = [tuple(size) for size in self._slide.level_dimensions]
-        self.level_downsamples = [float(factor) for factor in self._slide.level_downsamples]
-        self.width, self.height = self.level_dimensions[0]
-        self.mpp = slide_mpp(self._slide.properties)
-
-    def read(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
-        """``height x width`` RGB uint8 pixels of ``level`` whose top-left corner is (``left``,
-        ``top``) in level-0 pixels; outside the slide is padded (tiffslide: zeros)."""
-        return to_rgb(self.read_raw(level, left, top, width, height), self.uri, self.intensity)
-
-    @property
-    def dtype(self) -> np.dtype:
-        """The slide's pixel type, from its metadata (OpenSlide: always 8-bit RGBA)."""
-        if self._is_openslide:
-            return np.dtype(np.uint8)
-        try:
-            store = self._slide.ts_zarr_grp  # a zarr group of the levels, or one array
-            return np.dtype((store if hasattr(store, "dtype") else store["0"]).dtype)
-        except Exception:  # a layout without that view: one pixel tells
-            last = len(self.level_dimensions) - 1
-            return self.read_raw(last, 0, 0, 1, 1).dtype
-
-    def read_raw(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
-        """As ``read``, in the slide's own pixel type and channels."""
-        try:
-            if self._is_openslide:  # a PIL image, RGBA
-                pixels = np.asarray(self._slide.read_region((left, top), level, (width, height)))
-            else:
-                pixels = self._slide.read_region((left, top), level, (width, height), as_array=True)
-        except Exception as error:
-            raise io.ImageReadError(
-                f"{self.uri}: cannot read the {width}x{height} window at ({left}, {top}) of level "
-                f"{level}: {type(error).__name__}: {error}"
-            ) from error
-        return np.asarray(pixels)
-
-    def close(self) -> None:
-        self._slide.close()
-        if self._file is not None:
-            self._file.close()
-
-
-def open_slide_backend(uri: str, reader: SlideReader):
-    """A ``tiffslide.TiffSlide`` (any source), else an ``openslide.OpenSlide`` (local files)."""
-    import tiffslide
-
-    try:
-        if io.is_s3(uri):
-            filesystem, path = io.fsspec_filesystem(uri)
-            reader._file = filesystem.open(path, "rb")
-            return tiffslide.TiffSlide(reader._file)
-        return tiffslide.TiffSlide(io._local_path(uri))
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{uri}: no such file") from error
-    except Exception as tiff_error:
-        if reader._file is not None:
-            reader._file.close()
-            reader._file = None
-        try:
-            import openslide
-        except ImportError:
-            raise io.ImageReadError(
-                f"{uri}: not a slide tiffslide can read ({type(tiff_error).__name__}: "
-                f"{tiff_error}); for other formats install the extra: pip install "
-                "'unet_ray[slides]' (openslide-python, openslide-bin)"
-            ) from tiff_error
-        if io.is_s3(uri):
-            raise io.ImageReadError(
-                f"{uri}: tiffslide cannot read it ({tiff_error}) and OpenSlide reads local files "
-                "only: copy the slide to a local disk"
-            ) from tiff_error
-        try:
-            return openslide.OpenSlide(io._local_path(uri))
-        except Exception as error:
-            raise io.ImageReadError(
-                f"{uri}: neither tiffslide ({tiff_error}) nor OpenSlide ({error}) can read it"
-            ) from error
-
-
-def slide_mpp(properties) -> float | None:
-    """Microns per pixel of level 0 (the mean of x and y) when the file says, else None."""
-    values = []
-    for key in ("tiffslide.mpp-x", "tiffslide.mpp-y", "openslide.mpp-x", "openslide.mpp-y"):
-        try:
-            value = float(properties.get(key) or 0)
-        except (TypeError, ValueError):
-            continue
-        if value > 0:
-            values.append(value)
-    return float(np.mean(values)) if values else None
-
-
-def rgb_channels(pixels: np.ndarray, uri: str) -> np.ndarray:
-    """H x W x 3 in the slide's own pixel type: gray repeated, alpha dropped."""
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    if pixels.shape[2] == 1:
-        pixels = np.repeat(pixels, 3, axis=2)
-    elif pixels.shape[2] == 4:
-        pixels = pixels[:, :, :3]
-    if pixels.shape[2] != 3:
-        raise io.ImageReadError(f"{uri}: {pixels.shape[2]} channels per pixel are unsupported")
-    return pixels
-
-
-def to_rgb(
-    pixels: np.ndarray, uri: str, intensity: tuple[float, float] | None = None
-) -> np.ndarray:
-    """H x W x 3 uint8 from what a slide backend returns: 8-bit as it is; other pixel types
-    scaled from the slide's ``intensity`` range (low, high) to 0..255, clipped."""
-    pixels = rgb_channels(pixels, uri)
-    if pixels.dtype == np.uint8:
-        return np.ascontiguousarray(pixels)
-    if pixels.dtype == bool:
-        return pixels.astype(np.uint8) * 255
-    if not (np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)):
-        raise io.ImageReadError(f"{uri}: unsupported pixel type {pixels.dtype}")
-    if intensity is None:
-        raise io.ImageReadError(
-            f"{uri}: {pixels.dtype} pixels and no intensity range to scale them with "
-            "(slide_intensity_range gives it)"
-        )
-    return io.scale_to_uint8(pixels, *intensity)
-
-
-def slide_intensity_range(reader: SlideReader) -> tuple[float, float] | None:
-    """None for an 8-bit slide. Otherwise the (low, high) pixel values that map to 0 and 255:
-    the same percentiles as for whole images (``io.normalisation_range``: 1st and 99.8th,
-    joint over the channels), from the coarsest pyramid level at least
-    ``INTENSITY_SAMPLE_SIDE`` px on its longer side, read block by block and sampled on a
-    regular grid of about ``io.PERCENTILE_SAMPLE_PIXELS`` values. One range per slide, so all
-    its regions are scaled alike (a coarser level is area-averaged, so its brightest pixels
-    are a little dimmer than the full resolution's)."""
-    if reader.dtype == np.uint8:
-        return None
-    scale = max(reader.width, reader.height) / INTENSITY_SAMPLE_SIDE
-    level = best_level(reader.level_downsamples, max(1.0, scale))
-    downsample = reader.level_downsamples[level]
-    level_width, level_height = reader.level_dimensions[level]
-    step = max(1, math.ceil(math.sqrt(level_width * level_height / io.PERCENTILE_SAMPLE_PIXELS)))
-    block = max(step, INTENSITY_BLOCK // step * step)  # a multiple of the step: one regular grid
-    samples, unreadable = [], []
-    for top in range(0, level_height, block):
-        for left in range(0, level_width, block):
-            try:
-                pixels = reader.read_raw(
-                    level,
-                    round(left * downsample),
-                    round(top * downsample),
-                    min(block, level_width - left),
-                    min(block, level_height - top),
-                )
-            except io.ImageReadError as error:  # a damaged tile fails its region, not the slide
-                unreadable.append(str(error))
-                continue
-            samples.append(rgb_channels(pixels, reader.uri)[::step, ::step].reshape(-1, 1, 3))
-    if not samples:
-        raise io.ImageReadError(f"{reader.uri}: no readable pixels: {unreadable[0]}")
-    if unreadable:
-        logger.warning(
-            "%s: intensity range without %d unreadable block(s): %s",
-            reader.uri,
-            len(unreadable),
-            unreadable[0],
-        )
-    return io.normalisation_range(np.concatenate(samples))
-
-
-def best_level(downsamples: list[float], scale: float) -> int:
-    """The coarsest pyramid level no coarser than ``scale`` (level pixels per frame pixel)."""
-    candidates = [
-        index for index, factor in enumerate(downsamples) if factor <= scale * LEVEL_TOLERANCE
-    ]
-    return max(candidates, key=lambda index: downsamples[index]) if candidates else 0
-
-
-def read_frame_window(reader: SlideReader, box: Box, scale: float) -> np.ndarray:
-    """The frame's pixels in ``box`` (RGB uint8), where one frame pixel is ``scale`` level-0
-    pixels: the best level is read and, unless it matches the frame, resampled (bilinear)."""
-    import cv2
-
-    level = best_level(reader.level_downsamples, scale)
-    downsample = reader.level_downsamples[level]
-    ratio = scale / downsample  # level pixels per frame pixel, in [1, 2) unless upsampling
-    if abs(ratio - 1.0) < 1e-9:
-        left, top = round(box.left * scale), round(box.top * scale)
-        return reader.read(level, left, top, box.width, box.height)
-    first_x, first_y = box.left * ratio, box.top * ratio  # in level pixels
-    left, top = math.floor(first_x), math.floor(first_y)
-    width = math.ceil((box.right) * ratio) - left + 1
-    height = math.ceil((box.bottom) * ratio) - top + 1
-    level_width, level_height = reader.level_dimensions[level]
-    width, height = min(width, level_width - left), min(height, level_height - top)
-    source = reader.read(level, round(left * downsample), round(top * downsample), width, height)
-    # frame pixel centre (c + 0.5) sits at level coordinate (c + 0.5) * ratio
-    transform = np.array(
-        [
-            [ratio, 0.0, first_x - left + 0.5 * ratio - 0.5],
-            [0.0, ratio, first_y - top + 0.5 * ratio - 0.5],
-        ]
-    )
-    return cv2.warpAffine(
-        source,
-        transform,
-        (box.width, box.height),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
-
-
-def read_overview(reader: SlideReader, height: int, width: int) -> np.ndarray:
-    """The whole slide as a ``height x width`` RGB image (area-averaged), read block by block
-    from the coarsest level that is still at least as fine, so no large level is held whole."""
-    import cv2
-
-    scale = min(reader.width / width, reader.height / height)
-    level = best_level(reader.level_downsamples, scale)
-    downsample = reader.level_downsamples[level]
-    level_width, level_height = reader.level_dimensions[level]
-    overview = np.zeros((height, width, 3), dtype=np.uint8)
-    step_y, step_x = height / level_height, width / level_width  # overview px per level px
-    for top in range(0, level_height, OVERVIEW_BLOCK):
-        for left in range(0, level_width, OVERVIEW_BLOCK):
-            bottom = min(level_height, top + OVERVIEW_BLOCK)
-            right = min(level_width, left + OVERVIEW_BLOCK)
-            out_top, out_bottom = round(top * step_y), round(bottom * step_y)
-            out_left, out_right = round(left * step_x), round(right * step_x)
-            if out_bottom <= out_top or out_right <= out_left:
-                continue
-            block = reader.read(
-                level, round(left * downsample), round(top * downsample), right - left, bottom - top
-            )
-            overview[out_top:out_bottom, out_left:out_right] = cv2.resize(
-                block, (out_right - out_left, out_bottom - out_top), interpolation=cv2.INTER_AREA
-            )
-    return overview
 
 
 # ----------------------------------------------------------------------------- tissue
@@ -436,10 +187,6 @@ class SlidePlan:
         return io.join_uri(self.output_uri, self.stem + PARTS_SUFFIX)
 
 
-def part_uri(plan: SlidePlan, key: str) -> str:
-    return io.join_uri(plan.parts_uri, f"{key}.npz")
-
-
 def infer_region(
     plan: SlidePlan,
     region: Region,
@@ -479,7 +226,7 @@ def finish_region(
 ) -> dict[str, Any]:
     """Stage 2 of one region: label its maps, keep the nuclei it owns and write its part;
     nuclei, cut and timings."""
-    from unet_ray.slide_writers import encode_region_part
+    from unet_ray.io.slide_writers import encode_region_part
 
     started = time.time()
     labels = label_nuclei(probabilities, instances)
@@ -541,7 +288,7 @@ class InferRegions:
     def __init__(self, checkpoint: str, segment: dict[str, Any], threads: float = 1):
         import torch
 
-        from unet_ray.checkpoint import load_model
+        from unet_ray.io.checkpoint import load_model
         from unet_ray.segment import make_batch_predictor, select_device
 
         self.segment = SegmentConfig(**segment)
@@ -666,46 +413,10 @@ class FinishRegions:
 
 def stem_of(uri: str) -> str:
     """The slide's name without its suffix, OME's included: ``s3://b/case.ome.tif`` -> ``case``."""
-    from unet_ray.segment import image_stem
+    from unet_ray.io.writers import image_stem
 
     stem = image_stem(uri)
     return stem[: -len(".ome")] if stem.lower().endswith(".ome") else stem
-
-
-def is_slide(uri: str, region: int) -> bool:
-    """Whether an input goes the slide path: an OpenSlide-format suffix, or a TIFF with a side
-    longer than one region (read by window, tiled or not). Unreadable TIFFs go the image path,
-    whose error row names the problem."""
-    name = PurePosixPath(str(uri)).name.lower()
-    if name.endswith(OPENSLIDE_SUFFIXES):
-        return True
-    if not name.endswith(TIFF_SUFFIXES):
-        return False
-    import tifffile
-
-    filesystem, path = io.fsspec_filesystem(uri)
-    try:
-        with filesystem.open(path, "rb") as handle, tifffile.TiffFile(handle) as tiff:
-            page = tiff.series[0].levels[0] if tiff.series else tiff.pages[0]
-            shape = page.shape
-            axes = getattr(page, "axes", "YX")
-    except Exception:
-        return False
-    sides = [size for axis, size in zip(axes, shape, strict=False) if axis in "YX"]
-    return bool(sides) and max(sides) > region
-
-
-def output_file_names(stem: str) -> list[str]:
-    from unet_ray.slide_writers import output_names
-
-    return list(output_names(stem).values())
-
-
-def is_own_output(uri: str) -> bool:
-    """Our slide outputs (labels OME-TIFF) are never inputs of a later run."""
-    from unet_ray.slide_writers import LABELS_SUFFIX
-
-    return PurePosixPath(str(uri)).name.endswith(LABELS_SUFFIX)
 
 
 def read_summary(output_uri: str, stem: str) -> dict[str, Any] | None:
@@ -790,16 +501,10 @@ def claim_parts(plan: SlidePlan, signature: dict[str, Any]) -> None:
                 len(plan.done),
             )
         plan.done = []
-        from unet_ray.slide_writers import remove_parts
+        from unet_ray.io.slide_writers import remove_parts
 
         remove_parts(plan)
     io.write_bytes_atomic(uri, json.dumps(signature, indent=2).encode())
-
-
-def existing_parts(plan_parts_uri: str) -> set[str]:
-    return {
-        PurePosixPath(uri).name[: -len(".npz")] for uri in io.list_files(plan_parts_uri, (".npz",))
-    }
 
 
 def plan_slide(
@@ -1037,7 +742,7 @@ def regions_message(summary: dict[str, Any]) -> str:
 
 def assemble_remote(plan_dict: dict[str, Any], summary: dict[str, Any]) -> int:
     """Assemble one slide's outputs from its parts (run as a Ray task); its nuclei count."""
-    from unet_ray.slide_writers import assemble_slide
+    from unet_ray.io.slide_writers import assemble_slide
 
     return assemble_slide(SlidePlan(**plan_dict), summary)
 
@@ -1058,8 +763,9 @@ def segment_slides(
     failed, is an ``error`` row (its finished parts stay for the rerun)."""
     import ray
 
-    from unet_ray.checkpoint import read_checkpoint_info
-    from unet_ray.segment import describe_error, manifest_row
+    from unet_ray.io.checkpoint import read_checkpoint_info
+    from unet_ray.io.writers import manifest_row
+    from unet_ray.segment import describe_error
 
     check_slide_config(slide, segment)
     model_mpp = training_mpp(read_checkpoint_info(checkpoint))

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 
 from unet_ray import io
-from unet_ray.checkpoint import CONFIG_FILE, MODEL_FILE, save_checkpoint
 from unet_ray.core.config import Config, TrainConfig
 from unet_ray.core.losses import build_loss, head_targets
 from unet_ray.core.model import use_sync_batchnorm
 from unet_ray.core.schedules import config_learning_rate
-from unet_ray.data import VAL_SPLIT
+from unet_ray.io.checkpoint import CONFIG_FILE, MODEL_FILE, save_checkpoint
+from unet_ray.io.prepared import VAL_SPLIT
 from unet_ray.progress import Progress, is_terminal
 
 logger = logging.getLogger(__name__)
@@ -183,8 +183,8 @@ def _build_or_resume(config: Config, device: torch.device):
     """
     import ray.train
 
-    from unet_ray.checkpoint import build_model
     from unet_ray.core.model import is_pretrained, parameter_groups
+    from unet_ray.io.checkpoint import build_model
 
     model = build_model(config.model).to(device)
     encoder_scale = config.train.encoder_lr_scale if is_pretrained(config.model) else 1.0
@@ -329,13 +329,13 @@ def validate_images(
     ``(summary, rows)``: ``summarise_scores`` plus ``loss`` (pixel-weighted), and one row per
     image sorted by image id.
     """
-    from unet_ray.data import read_split_images
     from unet_ray.evaluate import (
         predict_logits,
         score_image,
         summarise_scores,
         validation_loss,
     )
+    from unet_ray.io.prepared import read_split_images
     from unet_ray.segment import sigmoid_in_place
 
     model.eval()
@@ -600,7 +600,7 @@ def resolve_training_data(config: Config) -> str:
     """The prepared-shards URI for this run: given shards, raw DSB2018 prepared on the fly, or
     (no --data) a synthetic dataset generated into OUTPUT/synthetic and prepared."""
     from unet_ray.data import ensure_prepared
-    from unet_ray.synth import write_synthetic_dataset
+    from unet_ray.io.synth import write_synthetic_dataset
 
     output, data = config.train.output, config.data
     source = data.source
@@ -624,7 +624,7 @@ def resolve_training_data(config: Config) -> str:
 
 def _has_samples(source: str) -> bool:
     try:
-        from unet_ray.io import list_dsb_samples
+        from unet_ray.io.dsb import list_dsb_samples
 
         return bool(list_dsb_samples(source))
     except (ValueError, FileNotFoundError, OSError):
@@ -643,12 +643,8 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from unet_ray.data import (
-        TRAIN_SPLIT,
-        build_training_datasets,
-        read_dataset_info,
-        tile_copies,
-    )
+    from unet_ray.data import build_training_datasets, tile_copies
+    from unet_ray.io.prepared import TRAIN_SPLIT, read_dataset_info
 
     info = read_dataset_info(prepared)
     if not info[VAL_SPLIT]["samples"]:
@@ -709,8 +705,8 @@ def prepare_run_config(config: Config) -> Config:
     prefix; ``imagenet`` may download them into the hub cache once), before any worker starts:
     unavailable weights are a usage error now, not a crash in every worker. Warns when the run
     ends in the middle of a learning-rate cycle."""
-    from unet_ray.checkpoint import record_encoder_weights
     from unet_ray.core.schedules import mid_cycle_warning
+    from unet_ray.io.checkpoint import record_encoder_weights
 
     train = config.train
     warning = mid_cycle_warning(
@@ -732,7 +728,7 @@ def build_data_config(workers: int):
     that only passes the same rows on."""
     import ray.train
 
-    from unet_ray.data import TRAIN_SPLIT
+    from unet_ray.io.prepared import TRAIN_SPLIT
 
     return ray.train.DataConfig(datasets_to_split=[TRAIN_SPLIT] if workers > 1 else [])
 

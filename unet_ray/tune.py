@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from unet_ray import io
-from unet_ray.checkpoint import CONFIG_FILE, MODEL_FILE
 from unet_ray.core.config import Config
+from unet_ray.io.checkpoint import CONFIG_FILE, MODEL_FILE
 from unet_ray.train import (
     API_SERVER_ENV,
     BEST_DIR,
@@ -288,7 +288,7 @@ def run_tuning(config: Config) -> TuneSummary:
     Before any work: OUTPUT must be writable, and the encoder weights are resolved once (an
     offline machine without them is exit 2, not a crash in every trial) and recorded, so every
     trial's workers check theirs against the same SHA-256 prefix."""
-    from unet_ray.checkpoint import record_encoder_weights
+    from unet_ray.io.checkpoint import record_encoder_weights
 
     io.check_writable(config.train.output)
     build_search_space(config)  # batch sizes that fit the workers, before Ray starts

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io as bytes_io
 import json
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,8 @@ from scipy import ndimage
 from skimage.measure import find_contours, regionprops_table
 from skimage.segmentation import find_boundaries
 
-from unet_ray.io import encode_png
+from unet_ray.io.files import exists, read_bytes, write_bytes_atomic
+from unet_ray.io.images import encode_png
 
 MASK_SUFFIX = ".mask.png"
 LABELS_SUFFIX = ".labels.tif"
@@ -261,7 +263,7 @@ def encode_outputs(
     """{file name: bytes} of all five outputs of one image.
 
     ``image`` is the RGB uint8 rendering (drawn on in the overlay); ``original`` the image in its
-    own units (``io.decode_image_with_original``) for the nuclei table's intensities, by default
+    own units (``decode_image_with_original``) for the nuclei table's intensities, by default
     ``image`` itself.
     """
     names = output_names(stem)
@@ -273,3 +275,53 @@ def encode_outputs(
         names["nuclei"]: encode_nuclei_csv(labels, intensities),
         names["overlay"]: encode_overlay_png(image, labels),
     }
+
+
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_COLUMNS = ("input", "status", "message", "nuclei", "seconds")
+STATUS_OK, STATUS_ERROR, STATUS_SKIPPED = "ok", "error", "skipped"
+MANIFEST_STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_SKIPPED)
+
+
+def image_stem(uri: str) -> str:
+    """The file name without its last suffix: ``s3://b/x/slide.1.tif`` -> ``slide.1``."""
+    return PurePosixPath(str(uri).replace("\\", "/")).stem
+
+
+def manifest_row(
+    uri: str, status: str, message: str = "", nuclei: int | str = "", seconds: float = 0.0
+) -> dict[str, Any]:
+    """One manifest row; ``nuclei`` is blank when unknown (errors)."""
+    return {
+        "input": uri,
+        "status": status,
+        "message": message,
+        "nuclei": nuclei,
+        "seconds": round(seconds, 3),
+    }
+
+
+def read_previous_nuclei(manifest_uri: str) -> dict[str, str]:
+    """{input: nuclei} of an earlier manifest, so skipped rows keep their counts."""
+    if not exists(manifest_uri):
+        return {}
+    try:
+        text = read_bytes(manifest_uri).decode()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return {
+        row["input"]: row.get("nuclei", "")
+        for row in csv.DictReader(bytes_io.StringIO(text))
+        if row.get("status") in (STATUS_OK, STATUS_SKIPPED) and "input" in row
+    }
+
+
+def write_manifest(rows: list[dict[str, Any]], manifest_uri: str) -> None:
+    """``manifest.csv`` sorted by input, written whole."""
+    buffer = bytes_io.StringIO()
+    writer = csv.DictWriter(
+        buffer, fieldnames=list(MANIFEST_COLUMNS), lineterminator="\n", extrasaction="ignore"
+    )
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda row: row["input"]))
+    write_bytes_atomic(manifest_uri, buffer.getvalue().encode())

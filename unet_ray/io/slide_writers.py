@@ -31,13 +31,23 @@ import os
 import shutil
 import tempfile
 import time
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from unet_ray import io
-from unet_ray.writers import (
+from unet_ray.io.files import (
+    fsspec_filesystem,
+    is_s3,
+    join_uri,
+    list_files,
+    local_path,
+    make_dirs,
+    read_bytes,
+)
+from unet_ray.io.images import encode_png
+from unet_ray.io.writers import (
     NUCLEI_COLUMNS,
     OUTLINE_COLOUR,
     feature_for_object,
@@ -58,7 +68,7 @@ TABLE_COORDINATES = ("centroid_x", "centroid_y", "min_x", "min_y", "max_x", "max
 
 
 def output_names(stem: str, gzipped: bool = False) -> dict[str, str]:
-    from unet_ray.slides import SUMMARY_SUFFIX
+    from unet_ray.io.slide_writers import SUMMARY_SUFFIX
 
     return {
         "labels": stem + LABELS_SUFFIX,
@@ -147,7 +157,7 @@ class PartCache:
     """Region parts read on demand (one GET each) and dropped once assembly has moved on."""
 
     def __init__(self, plan):
-        from unet_ray.slides import part_uri
+        from unet_ray.io.slide_writers import part_uri
 
         self.plan = plan
         self.uri_of = lambda key: part_uri(plan, key)
@@ -155,7 +165,7 @@ class PartCache:
 
     def get(self, key: str):
         if key not in self.parts:
-            self.parts[key] = np.load(bytes_io.BytesIO(io.read_bytes(self.uri_of(key))))
+            self.parts[key] = np.load(bytes_io.BytesIO(read_bytes(self.uri_of(key))))
         return self.parts[key]
 
     def drop_rows_before(self, row: int) -> None:
@@ -369,7 +379,7 @@ def write_overlay(plan, levels: list, path: str) -> None:
     from skimage.segmentation import find_boundaries
 
     from unet_ray.core.regions import OVERVIEW_MAX_SIDE
-    from unet_ray.slides import SlideReader, read_overview
+    from unet_ray.io.slide_reader import SlideReader, read_overview
 
     level = next(level for level in levels if max(level.shape) <= OVERVIEW_MAX_SIDE)
     labels = np.asarray(level[:])
@@ -380,7 +390,7 @@ def write_overlay(plan, levels: list, path: str) -> None:
         reader.close()
     overlay[find_boundaries(labels, mode="inner")] = OUTLINE_COLOUR
     with open(path, "wb") as stream:
-        stream.write(io.encode_png(overlay))
+        stream.write(encode_png(overlay))
 
 
 def ordered_segmented(plan) -> list[str]:
@@ -391,23 +401,23 @@ def ordered_segmented(plan) -> list[str]:
 def work_folder(output_uri: str) -> str:
     """A temporary folder: hidden inside a local output folder (so files move by rename), else
     in the system's temporary space."""
-    if io.is_s3(output_uri):
+    if is_s3(output_uri):
         return tempfile.mkdtemp(prefix="unet_ray_slide_")
-    io.make_dirs(output_uri)
-    return tempfile.mkdtemp(prefix=".unet_ray_slide_", dir=io._local_path(output_uri))
+    make_dirs(output_uri)
+    return tempfile.mkdtemp(prefix=".unet_ray_slide_", dir=local_path(output_uri))
 
 
-def publish(local_path: str, uri: str) -> None:
+def publish(local_file: str, uri: str) -> None:
     """Move a finished local file to its output URI (rename locally; one upload to S3)."""
-    if io.is_s3(uri):
-        filesystem, path = io.fsspec_filesystem(uri)
-        filesystem.put_file(local_path, path)
+    if is_s3(uri):
+        filesystem, path = fsspec_filesystem(uri)
+        filesystem.put_file(local_file, path)
         return
-    os.replace(local_path, io._local_path(uri))
+    os.replace(local_file, local_path(uri))
 
 
 def remove_parts(plan) -> None:
-    filesystem, path = io.fsspec_filesystem(plan.parts_uri)
+    filesystem, path = fsspec_filesystem(plan.parts_uri)
     if filesystem.exists(path):
         filesystem.rm(path, recursive=True)
 
@@ -448,8 +458,37 @@ def assemble_slide(plan, summary: dict[str, Any]) -> int:
         with open(local["summary"], "w") as stream:
             json.dump(document, stream, indent=2)
         for kind in ("labels", "overlay", "geojson", "nuclei", "summary"):  # summary last
-            publish(local[kind], io.join_uri(plan.output_uri, names[kind]))
+            publish(local[kind], join_uri(plan.output_uri, names[kind]))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     remove_parts(plan)
     return nuclei
+
+
+PARTS_SUFFIX = ".parts"  # <stem>.parts/: one file per finished region
+
+
+SUMMARY_SUFFIX = ".slide.json"
+
+
+def part_uri(plan, key: str) -> str:
+    return join_uri(plan.parts_uri, f"{key}.npz")
+
+
+def output_file_names(stem: str) -> list[str]:
+    from unet_ray.io.slide_writers import output_names
+
+    return list(output_names(stem).values())
+
+
+def is_own_output(uri: str) -> bool:
+    """Our slide outputs (labels OME-TIFF) are never inputs of a later run."""
+    from unet_ray.io.slide_writers import LABELS_SUFFIX
+
+    return PurePosixPath(str(uri)).name.endswith(LABELS_SUFFIX)
+
+
+def existing_parts(plan_parts_uri: str) -> set[str]:
+    return {
+        PurePosixPath(uri).name[: -len(".npz")] for uri in list_files(plan_parts_uri, (".npz",))
+    }

@@ -17,7 +17,6 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 
-from unet_ray import io
 from unet_ray.core.config import (
     ENCODER_IMAGENET,
     ENCODER_NONE,
@@ -27,6 +26,7 @@ from unet_ray.core.config import (
     ModelConfig,
 )
 from unet_ray.core.model import UNetVGG16BN, freeze_encoder
+from unet_ray.io.files import exists, join_uri, make_dirs, read_bytes, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def save_checkpoint(
     ``samples`` (the source image ids of each split) lets `unet-ray evaluate --split val` pick
     the validation images out of a raw DSB2018 layout.
     """
-    io.make_dirs(directory)
+    make_dirs(directory)
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     head = getattr(model, "head", None)
     if head is not None:  # the config names the head the weights have
@@ -55,24 +55,24 @@ def save_checkpoint(
         config = {**config, "model": {**config.get("model", {}), "head": head_name}}
     buffer = _bytes_io.BytesIO()
     torch.save(model.state_dict(), buffer)
-    io.write_bytes_atomic(io.join_uri(directory, MODEL_FILE), buffer.getvalue())
+    write_bytes_atomic(join_uri(directory, MODEL_FILE), buffer.getvalue())
     info = {"format": FORMAT, "config": config, "metrics": metrics}
     if samples:
         info["samples"] = samples
-    io.write_bytes_atomic(
-        io.join_uri(directory, CONFIG_FILE), json.dumps(info, indent=2, default=float).encode()
+    write_bytes_atomic(
+        join_uri(directory, CONFIG_FILE), json.dumps(info, indent=2, default=float).encode()
     )
 
 
 def read_checkpoint_info(directory: str) -> dict[str, Any]:
     """The parsed ``config.json`` of a checkpoint folder; a clear error when it is not one."""
-    config_uri = io.join_uri(directory, CONFIG_FILE)
-    if not io.exists(config_uri) or not io.exists(io.join_uri(directory, MODEL_FILE)):
+    config_uri = join_uri(directory, CONFIG_FILE)
+    if not exists(config_uri) or not exists(join_uri(directory, MODEL_FILE)):
         raise FileNotFoundError(
             f"{directory} is not a unet_ray checkpoint: expected {MODEL_FILE} and {CONFIG_FILE} in it"
         )
     try:
-        return json.loads(io.read_bytes(config_uri))
+        return json.loads(read_bytes(config_uri))
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_uri} is not valid JSON: {error}") from error
 
@@ -86,10 +86,10 @@ def load_model(directory: str, device: str | torch.device = "cpu"):
 
     info = read_checkpoint_info(directory)
     config = Config.from_dict(info.get("config", {}))
-    model_uri = io.join_uri(directory, MODEL_FILE)
+    model_uri = join_uri(directory, MODEL_FILE)
     try:
         state = torch.load(
-            _bytes_io.BytesIO(io.read_bytes(model_uri)), map_location="cpu", weights_only=True
+            _bytes_io.BytesIO(read_bytes(model_uri)), map_location="cpu", weights_only=True
         )
     except Exception as error:  # torch raises several types for corrupt files
         raise ValueError(f"{model_uri} is not a readable PyTorch state_dict: {error}") from error

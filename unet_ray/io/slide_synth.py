@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unet_ray.synth import generate_sample
+from unet_ray.io.synth import generate_sample
 
 BACKGROUND = (242, 240, 244)  # glass: bright and nearly unsaturated
 SLIDE_TILE = 256

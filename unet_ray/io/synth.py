@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from unet_ray.io import make_dirs, write_dsb_sample
+from unet_ray.io.dsb import write_dsb_sample
+from unet_ray.io.files import make_dirs
 
 STYLES = ("fluorescence", "brightfield", "he")
 STANDARD_TILE = 256  # the training tile side: the dataset holds images below and above it
