@@ -82,7 +82,6 @@ def load_model(directory: str, device: str | torch.device = "cpu"):
 
     Encoder weights come from the checkpoint itself, so no encoder file is consulted.
     """
-    from unet_ray.core.model import UNetVGG16BN
 
     info = read_checkpoint_info(directory)
     config = Config.from_dict(info.get("config", {}))

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from unet_ray.core.config import LABEL_TILE
+from unet_ray.core.regions import OVERVIEW_MAX_SIDE, Box
 from unet_ray.io.files import (
     fsspec_filesystem,
     is_s3,
@@ -47,9 +49,11 @@ from unet_ray.io.files import (
     read_bytes,
 )
 from unet_ray.io.images import encode_png
+from unet_ray.io.slide_reader import SlideReader, read_overview
 from unet_ray.io.writers import (
     NUCLEI_COLUMNS,
     OUTLINE_COLOUR,
+    STATUS_OK,
     feature_for_object,
     nuclei_table,
     polygon_rings,
@@ -68,7 +72,6 @@ TABLE_COORDINATES = ("centroid_x", "centroid_y", "min_x", "min_y", "max_x", "max
 
 
 def output_names(stem: str, gzipped: bool = False) -> dict[str, str]:
-    from unet_ray.io.slide_writers import SUMMARY_SUFFIX
 
     return {
         "labels": stem + LABELS_SUFFIX,
@@ -157,7 +160,6 @@ class PartCache:
     """Region parts read on demand (one GET each) and dropped once assembly has moved on."""
 
     def __init__(self, plan):
-        from unet_ray.io.slide_writers import part_uri
 
         self.plan = plan
         self.uri_of = lambda key: part_uri(plan, key)
@@ -215,7 +217,6 @@ def compose_core(plan, region, by_position, parts: PartCache, offsets) -> np.nda
 
 def piece_placement(region, dy: int, dx: int):
     """Where piece (dy, dx) of ``region`` lies in the frame."""
-    from unet_ray.core.regions import Box
 
     spill, core = region.spill, region.core
     rows = {-1: (spill.top, core.top), 0: (core.top, core.bottom), 1: (core.bottom, spill.bottom)}
@@ -230,8 +231,6 @@ def piece_placement(region, dy: int, dx: int):
 def build_levels(plan, parts: PartCache, offsets, folder: str) -> list:
     """Level 0 and its nearest-neighbour halvings as local zarr arrays (chunks of one tile)."""
     import zarr
-
-    from unet_ray.core.config import LABEL_TILE
 
     shape = (plan.frame_height, plan.frame_width)
     level0 = zarr.open_array(
@@ -286,8 +285,6 @@ def level_tiles(level, tile: int):
 def write_labels_tiff(levels: list, path: str, mpp: float | None) -> None:
     """The levels as one tiled pyramidal OME-TIFF (level 0 + SubIFDs)."""
     import tifffile
-
-    from unet_ray.core.config import LABEL_TILE
 
     metadata: dict[str, Any] = {"axes": "YX", "Name": "nucleus labels"}
     options: dict[str, Any] = {}
@@ -378,9 +375,6 @@ def write_overlay(plan, levels: list, path: str) -> None:
     """Outlines (from the finest label level that fits the overview) over the slide's overview."""
     from skimage.segmentation import find_boundaries
 
-    from unet_ray.core.regions import OVERVIEW_MAX_SIDE
-    from unet_ray.io.slide_reader import SlideReader, read_overview
-
     level = next(level for level in levels if max(level.shape) <= OVERVIEW_MAX_SIDE)
     labels = np.asarray(level[:])
     reader = SlideReader(plan.uri, plan.intensity)
@@ -424,7 +418,6 @@ def remove_parts(plan) -> None:
 
 def assemble_slide(plan, summary: dict[str, Any]) -> int:
     """Write all outputs of one slide from its parts; returns the slide's nuclei count."""
-    from unet_ray.slides import STATUS_OK
 
     started = time.perf_counter()
     parts = PartCache(plan)
@@ -476,14 +469,12 @@ def part_uri(plan, key: str) -> str:
 
 
 def output_file_names(stem: str) -> list[str]:
-    from unet_ray.io.slide_writers import output_names
 
     return list(output_names(stem).values())
 
 
 def is_own_output(uri: str) -> bool:
     """Our slide outputs (labels OME-TIFF) are never inputs of a later run."""
-    from unet_ray.io.slide_writers import LABELS_SUFFIX
 
     return PurePosixPath(str(uri)).name.endswith(LABELS_SUFFIX)
 
