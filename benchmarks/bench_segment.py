@@ -107,7 +107,7 @@ def train_briefly(settings: dict, device: str):
 
 
 def time_prediction(image, plan, predict_batch, batch_size) -> tuple[float, np.ndarray]:
-    from unet_ray.segment import predict_probabilities
+    from unet_ray.inference import predict_probabilities
 
     started = time.perf_counter()
     probabilities = predict_probabilities(image, plan, predict_batch, batch_size)
@@ -118,7 +118,7 @@ def compare_with_whole_image(image, plans, predict_batch, batch_size) -> dict[st
     """Per scheme: the fraction of mask pixels equal to whole-image inference's, the largest
     probability difference; and the share of whole-image probabilities near the threshold."""
     from unet_ray.core.tiling import plan_whole_image
-    from unet_ray.segment import predict_probabilities
+    from unet_ray.inference import predict_probabilities
 
     whole = predict_probabilities(image, plan_whole_image(*image.shape[:2]), predict_batch, 1)
     whole_mask = whole > MASK_THRESHOLD
@@ -142,7 +142,7 @@ def measure_tiling(side: int, repeats: int, train_settings: dict) -> dict[str, f
 
     from unet_ray.core.config import SegmentConfig
     from unet_ray.core.tiling import plan_for_scheme, plan_whole_image
-    from unet_ray.segment import make_batch_predictor, select_device
+    from unet_ray.inference import make_batch_predictor, select_device
 
     segment = SegmentConfig()
     device = select_device(use_gpu=torch.cuda.is_available())
@@ -194,7 +194,7 @@ def measure_stability(image, predict_batch, batch_size) -> dict[str, float]:
     from unet_ray.core.config import InstanceConfig
     from unet_ray.core.metrics import compute_overlaps
     from unet_ray.core.tiling import plan_for_scheme
-    from unet_ray.segment import labels_from_maps, predict_probabilities
+    from unet_ray.inference import labels_from_maps, predict_probabilities
 
     maps = [
         predict_probabilities(image, plan_for_scheme(*image.shape[:2], "default", tile, 32),

@@ -22,18 +22,20 @@ from unet_ray import io
 from unet_ray.core.config import Config, InstanceConfig, SegmentConfig
 from unet_ray.core.model import UNetVGG16BN
 from unet_ray.core.tiling import plan_for_scheme, plan_whole_image
+from unet_ray.inference import (
+    TILED_MASK_AGREEMENT,
+    TILED_MAX_PROBABILITY_DIFFERENCE,
+    make_batch_predictor,
+    predict_probabilities,
+)
 from unet_ray.io.checkpoint import load_model, save_checkpoint
 from unet_ray.io.synth import generate_sample
 from unet_ray.io.writers import MANIFEST_COLUMNS, image_stem, output_names, write_manifest
 from unet_ray.segment import (
-    TILED_MASK_AGREEMENT,
-    TILED_MAX_PROBABILITY_DIFFERENCE,
     FinishImages,
     SegmentActor,
     drop_own_outputs,
     list_inputs,
-    make_batch_predictor,
-    predict_probabilities,
     run_segmentation,
     segment_image_file,
     triage_inputs,

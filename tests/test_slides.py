@@ -32,6 +32,7 @@ from unet_ray.core.config import (
 )
 from unet_ray.core.model import UNetVGG16BN
 from unet_ray.core.regions import Box, plan_regions, tissue_mask
+from unet_ray.inference import image_probabilities, labels_from_maps, make_batch_predictor
 from unet_ray.io import slide_reader
 from unet_ray.io.checkpoint import save_checkpoint
 from unet_ray.io.slide_reader import (
@@ -44,7 +45,7 @@ from unet_ray.io.slide_reader import (
 from unet_ray.io.slide_synth import Patch, tissue_patches, write_synthetic_slide
 from unet_ray.io.slide_writers import part_uri
 from unet_ray.io.synth import generate_sample
-from unet_ray.segment import make_batch_predictor, run_segmentation
+from unet_ray.segment import run_segmentation
 
 REGION, HALO = 256, 128  # four regions on the 512 x 512 seam slide; the default halo
 SLIDE_CONFIG = SlideConfig(region=REGION, halo=HALO)
@@ -476,8 +477,8 @@ def test_regions_give_the_same_nuclei_as_one_image(job, checkpoint):
     regional = tifffile.imread(output / "seams.labels.ome.tif")
     model, _ = load_model(checkpoint)
     image = seam_patch().pixels
-    maps = slides.predict_window(image, make_batch_predictor(model, "cpu"), SEGMENT)
-    whole = slides.label_nuclei(maps, InstanceConfig())
+    maps = image_probabilities(image, make_batch_predictor(model, "cpu"), SEGMENT)
+    whole = labels_from_maps(maps, InstanceConfig())
     crossing = straddling_labels(whole, REGION)
     assert len(crossing) >= 10  # the test means something: nuclei straddle the seams
     assert regional.max() == whole.max()  # none doubled, none lost

@@ -14,18 +14,6 @@ through two stages that Ray Data runs at the same time:
 So an actor (and its GPU) infers the next image while CPU workers post-process the last one
 (``benchmarks/bench_segment.py`` measures the overlap). Every failure of one image becomes an
 ``error`` row; the driver writes ``manifest.csv``.
-
-Tiled versus whole-image inference, ``default`` scheme (tile 512, margin 32), measured on CPU in
-float32 with random-weight models (two seeds, eval mode) on synthetic images up to 960 x 960 whose
-seams keep exactly 32 px of context: probabilities differ by at most 0.011 (mean 0.0002) and the
-thresholded masks agree on 99.66-99.81 % of the pixels (random weights leave 15-20 % of pixels
-within 0.01 of the 0.5 threshold, where such a difference flips the mask). The tests assert the bounds
-``TILED_MAX_PROBABILITY_DIFFERENCE`` and ``TILED_MASK_AGREEMENT``. The reference scheme pads each
-128-px core from itself and differs from whole-image inference by up to 0.18 (98.5 % agreement).
-With a briefly trained model (``benchmarks/bench_segment.py``: 120 SGD steps on other synthetic
-mosaics) the default's masks agree on 99.95 % of the pixels of an 896^2 mosaic and 99.97 % of a
-1344^2 one (largest probability difference 0.030 and 0.024), the reference scheme's on 99.6 %
-(0.63 and 0.69).
 """
 
 from __future__ import annotations
@@ -48,7 +36,13 @@ import numpy as np
 
 from unet_ray import io
 from unet_ray.core.config import Config, InstanceConfig, SegmentConfig
-from unet_ray.core.tiling import TilePlan, check_tile_geometry, plan_for_scheme, predict_tiled
+from unet_ray.core.tiling import check_tile_geometry
+from unet_ray.inference import (
+    image_probabilities,
+    labels_from_maps,
+    make_batch_predictor,
+    select_device,
+)
 from unet_ray.io.files import is_file
 from unet_ray.io.writers import (
     MANIFEST_NAME,
@@ -70,9 +64,6 @@ logger = logging.getLogger(__name__)
 
 UNKNOWN_NUCLEI = -1  # nuclei count of an error row while it travels through Ray Data
 EXIT_OK, EXIT_FAILED = 0, 1
-PIXEL_SCALE = 255.0  # uint8 image -> network input in [0, 1]
-TILED_MAX_PROBABILITY_DIFFERENCE = 0.02  # measured bound, tiled default vs whole image (see above)
-TILED_MASK_AGREEMENT = 0.995  # measured bound: fraction of equal thresholded mask pixels
 TASKS_IN_FLIGHT_PER_ACTOR = 2  # one image running, one queued: big and small images balance
 TASK_RETRIES = 2  # an image whose actor dies this often more becomes an error row
 ACTOR_START_TIMEOUT_S = 900  # an autoscaling cluster may take minutes to add a (GPU) node
@@ -81,73 +72,6 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 # ----------------------------------------------------------------------------- inference
-
-
-def select_device(use_gpu: bool) -> str:
-    """``cuda`` when asked for and present, else ``cpu`` (with a warning if a GPU was asked for)."""
-    import torch
-
-    if use_gpu and torch.cuda.is_available():
-        return "cuda"
-    if use_gpu:
-        logger.warning("a GPU was requested but torch sees none: segmenting on the CPU")
-    return "cpu"
-
-
-def make_batch_predictor(
-    model, device: str, channels_last: bool = True
-) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from uint8 windows (N x h x w x 3) to float32 logits (N x C x h x w, one
-    channel per output of the model's head).
-
-    On a GPU the batch runs under bfloat16 autocast, channels-last unless ``channels_last`` is
-    False (validation during training leaves the memory format of the trained model alone); on
-    the CPU in float32.
-    """
-    import torch
-
-    on_gpu = device.startswith("cuda")
-    channels_last = channels_last and on_gpu
-    if channels_last:
-        model = model.to(device, memory_format=torch.channels_last)
-    model.eval()
-
-    def predict_batch(windows: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(np.ascontiguousarray(windows)).to(device)
-        batch = batch.permute(0, 3, 1, 2).float().div_(PIXEL_SCALE)
-        with torch.inference_mode():
-            if on_gpu:
-                if channels_last:
-                    batch = batch.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = model(batch)
-            else:
-                logits = model(batch)
-        return logits.float().cpu().numpy()
-
-    return predict_batch
-
-
-def sigmoid_in_place(logits: np.ndarray) -> np.ndarray:
-    """Probabilities from logits, reusing the logits' memory (a big image has one such map)."""
-    from scipy.special import expit
-
-    return expit(logits, out=logits)
-
-
-def predict_probabilities(
-    image: np.ndarray,
-    plan: TilePlan,
-    predict_batch: Callable[[np.ndarray], np.ndarray],
-    batch_size: int,
-) -> np.ndarray:
-    """Probabilities (C x H x W float32: nucleus, and contour for a ``mask+contour`` model) of an
-    RGB uint8 image, tile batch by tile batch."""
-    return sigmoid_in_place(predict_tiled(image, plan, predict_batch, batch_size))
-
-
-def plan_image(height: int, width: int, segment: SegmentConfig) -> TilePlan:
-    return plan_for_scheme(height, width, segment.scheme, segment.tile, segment.overlap)
 
 
 # ----------------------------------------------------------------------------- one image
@@ -191,10 +115,7 @@ class SegmentActor:
         started = time.time()
         try:
             image, original = io.read_image_with_original(uri)
-            plan = plan_image(image.shape[0], image.shape[1], self.segment)
-            probabilities = predict_probabilities(
-                image, plan, self.predict_batch, self.segment.batch_size
-            )
+            probabilities = image_probabilities(image, self.predict_batch, self.segment)
         except Exception as error:  # one bad image must never abort the dataset
             return {**failed_row(uri, error, started), **empty_maps()}
         return {
@@ -340,18 +261,8 @@ def segment_image_file(
     intensities come from the original, in the input's own units (no copy for an 8-bit image).
     """
     image, original = io.read_image_with_original(uri)
-    plan = plan_image(image.shape[0], image.shape[1], segment)
-    probabilities = predict_probabilities(image, plan, predict_batch, segment.batch_size)
+    probabilities = image_probabilities(image, predict_batch, segment)
     return finish_image(uri, output_uri, image, probabilities, instances, original)
-
-
-def labels_from_maps(probabilities: np.ndarray, instances: InstanceConfig) -> np.ndarray:
-    """Instance labels from the C x H x W probabilities of either head (channel 0: nucleus,
-    channel 1 when present: contour)."""
-    from unet_ray.core.instances import instance_labels
-
-    contour = probabilities[1] if len(probabilities) > 1 else None
-    return instance_labels(probabilities[0], contour, instances)
 
 
 # ----------------------------------------------------------------------------- the driver

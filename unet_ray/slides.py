@@ -63,6 +63,7 @@ from unet_ray.core.regions import (
     region_has_tissue,
     tissue_mask,
 )
+from unet_ray.inference import image_probabilities, labels_from_maps
 from unet_ray.io.slide_reader import (
     SlideReader,
     is_slide,
@@ -128,27 +129,6 @@ class SlideError(ValueError):
 # ----------------------------------------------------------------------------- inference
 
 
-def predict_window(
-    image: np.ndarray, predict_batch: Callable[[np.ndarray], np.ndarray], segment: SegmentConfig
-) -> np.ndarray:
-    """Probabilities (C x H x W) of one window: the whole-image path's tiling and model call
-    (the one place this module calls the model)."""
-    from unet_ray.core.tiling import predict_tiled
-    from unet_ray.segment import plan_image, sigmoid_in_place
-
-    plan = plan_image(image.shape[0], image.shape[1], segment)
-    return sigmoid_in_place(predict_tiled(image, plan, predict_batch, segment.batch_size))
-
-
-def label_nuclei(probabilities: np.ndarray, instances: InstanceConfig) -> np.ndarray:
-    """Instance labels of one window from ``predict_window``'s C x H x W maps (channel 0 the
-    nucleus, 1 the contour of a ``mask+contour`` model): the one place this module calls
-    post-processing."""
-    from unet_ray.segment import labels_from_maps
-
-    return labels_from_maps(probabilities, instances)
-
-
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (MiB; Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -201,7 +181,7 @@ def infer_region(
     started = time.time()
     image = read_frame_window(reader, region.window, plan.scale)
     read_done = time.time()
-    probabilities = predict_window(image, predict_batch, segment).astype(MAP_DTYPE)
+    probabilities = image_probabilities(image, predict_batch, segment).astype(MAP_DTYPE)
     infer_done = time.time()
     return {
         "slide": plan.uri,
@@ -229,7 +209,7 @@ def finish_region(
     from unet_ray.io.slide_writers import encode_region_part
 
     started = time.time()
-    labels = label_nuclei(probabilities, instances)
+    labels = labels_from_maps(probabilities, instances)
     kept, cut = keep_owned_nuclei(labels, region, plan.frame_height, plan.frame_width)
     del labels
     part = encode_region_part(kept, spill_image, region, plan.scale)
@@ -288,8 +268,8 @@ class InferRegions:
     def __init__(self, checkpoint: str, segment: dict[str, Any], threads: float = 1):
         import torch
 
+        from unet_ray.inference import make_batch_predictor, select_device
         from unet_ray.io.checkpoint import load_model
-        from unet_ray.segment import make_batch_predictor, select_device
 
         self.segment = SegmentConfig(**segment)
         self.device = select_device(self.segment.use_gpu)

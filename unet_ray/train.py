@@ -26,6 +26,7 @@ from unet_ray.core.config import Config, TrainConfig
 from unet_ray.core.losses import build_loss, head_targets
 from unet_ray.core.model import use_sync_batchnorm
 from unet_ray.core.schedules import config_learning_rate
+from unet_ray.inference import image_logits, make_batch_predictor
 from unet_ray.io.checkpoint import CONFIG_FILE, MODEL_FILE, save_checkpoint
 from unet_ray.io.prepared import VAL_SPLIT
 from unet_ray.progress import Progress, is_terminal
@@ -323,27 +324,27 @@ def validate_images(
     """Validation on whole images at native size, each scored by exactly one rank.
 
     Each rank reads only its share of the validation images (``rank_share``), segments them as
-    `unet-ray segment` does and scores them (``evaluate.score_image``); one all-gather brings every
+    `unet-ray segment` does and scores them (``inference.score_image``); one all-gather brings every
     rank all rows, so every rank makes the same number of collective calls whatever its share
     (also none). ``model`` is the unwrapped module: evaluation runs no DDP collectives. Returns
     ``(summary, rows)``: ``summarise_scores`` plus ``loss`` (pixel-weighted), and one row per
     image sorted by image id.
     """
-    from unet_ray.evaluate import (
-        predict_logits,
+    from unet_ray.inference import (
         score_image,
+        sigmoid_in_place,
         summarise_scores,
         validation_loss,
     )
     from unet_ray.io.prepared import read_split_images
-    from unet_ray.segment import sigmoid_in_place
 
     model.eval()
+    predict_batch = make_batch_predictor(model, str(device), channels_last=False)
     rows = []
     for name, image, truth in read_split_images(
         prepared, rank_share(val_samples, rank, world_size)
     ):
-        logits = predict_logits(model, image, config.segment, str(device), channels_last=False)
+        logits = image_logits(image, predict_batch, config.segment)
         loss = validation_loss(loss_function, logits, truth)
         row = score_image(name, sigmoid_in_place(logits), truth, config.instances)
         rows.append({**row, "loss": loss, "pixels": truth.size, "rank": rank})
