@@ -22,7 +22,7 @@ from test_train import make_config  # tests/ is on sys.path (pytest's rootdir co
 
 from unet_ray import io
 from unet_ray.core.config import Config, InstanceConfig, SegmentConfig
-from unet_ray.train import API_SERVER_ENV, free_port
+from unet_ray.runtime.cluster import API_SERVER_ENV, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 TILE = 64

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from unet_ray.progress import PREFIX, Progress, is_terminal, lines_every
+from unet_ray.runtime.progress import PREFIX, Progress, is_terminal, lines_every
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from unet_ray.train import API_SERVER_ENV
+from unet_ray.runtime.cluster import API_SERVER_ENV
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 TILE = 64

@@ -233,7 +233,7 @@ def test_transient_ray_warnings_stay_off_the_console_of_a_quiet_run(monkeypatch)
     --verbose), whose filter survives Ray Train configuring its loggers with ``dictConfig``."""
     import logging.config
 
-    from unet_ray.train import (
+    from unet_ray.runtime.cluster import (
         API_SERVER_ENV,
         QUIET_WORKER_HOOK,
         TRANSIENT_RAY_LOGGERS,

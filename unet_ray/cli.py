@@ -300,7 +300,7 @@ def command_segment(args: argparse.Namespace) -> int:
 
 
 def _init_ray() -> None:
-    from unet_ray.train import init_ray
+    from unet_ray.runtime.cluster import init_ray
 
     init_ray()
 

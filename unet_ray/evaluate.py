@@ -100,5 +100,3 @@ def evaluate_checkpoint(
             {key: value for key, value in row.items() if key not in COUNT_KEYS} for row in rows
         ],
     }
-
-

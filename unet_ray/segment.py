@@ -23,11 +23,8 @@ import dataclasses
 import io as bytes_io
 import logging
 import os
-import re
 import time
-import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -58,36 +55,31 @@ from unet_ray.io.writers import (
     read_previous_nuclei,
     write_manifest,
 )
-from unet_ray.progress import Progress
+from unet_ray.runtime.batch import (
+    ACTOR_START_TIMEOUT_S,
+    MAP_DTYPE,
+    UNKNOWN_NUCLEI,
+    actor_stage,
+    columns_of,
+    default_cpus_per_worker,
+    describe_error,
+    finish_workers,
+    job_data_context,
+    one_line,
+    post_task_cpus,
+)
+from unet_ray.runtime.progress import Progress
 
 logger = logging.getLogger(__name__)
 
-UNKNOWN_NUCLEI = -1  # nuclei count of an error row while it travels through Ray Data
 EXIT_OK, EXIT_FAILED = 0, 1
 TASKS_IN_FLIGHT_PER_ACTOR = 2  # one image running, one queued: big and small images balance
-TASK_RETRIES = 2  # an image whose actor dies this often more becomes an error row
-ACTOR_START_TIMEOUT_S = 900  # an autoscaling cluster may take minutes to add a (GPU) node
-UNLIMITED = -1
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 # ----------------------------------------------------------------------------- inference
 
 
 # ----------------------------------------------------------------------------- one image
-
-
-def one_line(error: BaseException) -> str:
-    """``Type: first line of the message``, without terminal colour codes."""
-    lines = ANSI_ESCAPE.sub("", str(error)).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
-
-
-def describe_error(error: Exception) -> str:
-    """A one-line message; io's read errors already name the file and the problem."""
-    if isinstance(error, io.ImageReadError):
-        return str(error)
-    return one_line(error)
 
 
 class SegmentActor:
@@ -161,7 +153,6 @@ class FinishImages:
         return {**finished, **timing(row, started)}
 
 
-MAP_DTYPE = np.float16  # probabilities between the stages: half the bytes, steps of 0.0005 at 0.5
 TIMING_COLUMNS = ("infer_start", "infer_end", "post_start", "post_end")  # time.time() stamps
 
 
@@ -202,23 +193,6 @@ def plain_row(row: dict[str, Any]) -> dict[str, Any]:
         "" if nuclei == "" or int(nuclei) == UNKNOWN_NUCLEI else int(nuclei),
         float(row["seconds"]),
     )
-
-
-def columns_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Column arrays of rows; nuclei travels as int64 (``UNKNOWN_NUCLEI`` when blank) so every
-    block has one schema. Array columns stay lists of arrays (shapes differ between images)."""
-    columns: dict[str, Any] = {}
-    for column in rows[0]:
-        values = [row[column] for row in rows]
-        if column == "nuclei":
-            values = [UNKNOWN_NUCLEI if value == "" else value for value in values]
-        if isinstance(values[0], np.ndarray):
-            columns[column] = values
-        elif isinstance(values[0], bytes):
-            columns[column] = np.array(values, dtype=object)
-        else:
-            columns[column] = np.array(values)
-    return columns
 
 
 def encode_array(array: np.ndarray) -> bytes:
@@ -341,50 +315,6 @@ def triage_inputs(
     return to_run, rows
 
 
-def default_cpus_per_worker(workers: int, use_gpu: bool) -> float:
-    """CPUs per inference actor: one beside a GPU; on CPU, an equal share of the cluster (capped
-    at the biggest node) less what the post-processing tasks need (``post_task_cpus``)."""
-    import ray
-
-    if use_gpu:
-        return 1
-    total = float(ray.cluster_resources().get("CPU", 1))
-    largest_node = max(
-        (float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
-        default=total,
-    )
-    share = min(largest_node, total / max(1, workers)) - post_task_cpus(use_gpu)
-    return max(0.5, share)
-
-
-def post_task_cpus(use_gpu: bool) -> float:
-    """CPUs of one post-processing task: a whole one beside GPU actors (the CPUs the GPU
-    actors leave free run as many tasks at once); on CPU a quarter, since inference takes ~50x
-    longer there and the actors should keep the rest."""
-    return 1.0 if use_gpu else 0.25
-
-
-@contextmanager
-def job_data_context():
-    """Ray Data settings for this job, restored afterwards.
-
-    A block whose actor died (e.g. out of memory on one huge image) is dropped instead of
-    aborting the dataset, so its image gets an error row and every other image is still written;
-    an actor pool that cannot start (e.g. ``--gpu`` on a cluster without GPUs) fails after
-    ``ACTOR_START_TIMEOUT_S`` instead of waiting forever.
-    """
-    import ray
-
-    context = ray.data.DataContext.get_current()
-    saved = (context.max_errored_blocks, context.wait_for_min_actors_s)
-    context.max_errored_blocks = UNLIMITED
-    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    try:
-        yield context
-    finally:
-        context.max_errored_blocks, context.wait_for_min_actors_s = saved
-
-
 def build_dataset(
     checkpoint: str,
     uris: list[str],
@@ -421,52 +351,6 @@ def build_dataset(
         ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, finish_workers(segment))),
         num_cpus=post_task_cpus(segment.use_gpu),
     )
-
-
-def actor_stage(
-    dataset,
-    actor_class: type,
-    constructor_kwargs: dict[str, Any],
-    pool,
-    num_cpus: float,
-    num_gpus: float | None = None,
-    max_task_retries: int = TASK_RETRIES,
-):
-    """``dataset`` through one stage of ``actor_class`` actors (built with
-    ``constructor_kwargs``, each call one row as numpy columns) on the ``pool``
-    (a ``ray.data.ActorPoolStrategy``).
-
-    ``max_task_retries``: how often a row whose actor died is retried before the dataset gives
-    up on it (Ray Data's default retries forever, with the actor restarted each time: a row that
-    runs its actor out of memory would never end).
-    """
-    extra: dict[str, Any] = {"max_task_retries": max_task_retries}
-    if num_gpus is not None:
-        extra["num_gpus"] = num_gpus
-    with warnings.catch_warnings():
-        # Ray 2.60 has no named parameter for max_task_retries yet; without it a row that kills
-        # its actor (out of memory) would be retried forever
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return dataset.map_batches(
-            actor_class,
-            fn_constructor_kwargs=constructor_kwargs,
-            batch_size=1,
-            batch_format="numpy",
-            compute=pool,
-            num_cpus=num_cpus,
-            **extra,
-        )
-
-
-def finish_workers(segment: SegmentConfig) -> int:
-    """Post-processing workers: on GPU, every CPU the GPU actors leave free (at most 8 per
-    actor); on CPU, one per inference actor."""
-    import ray
-
-    if not segment.use_gpu:
-        return segment.workers
-    free = int(ray.cluster_resources().get("CPU", 1)) - segment.workers
-    return max(1, min(free, 8 * segment.workers))
 
 
 def segment_with_ray(
@@ -652,8 +536,8 @@ def segment_main(args: argparse.Namespace) -> int:
     Bad flags and an OUTPUT that cannot be written raise ValueError before Ray starts.
     """
     from unet_ray.cli import absolute_path
+    from unet_ray.runtime.cluster import init_ray
     from unet_ray.slides import slide_config_from_args
-    from unet_ray.train import init_ray
 
     # Ray's actors run in another working directory: local paths are the user's, made absolute
     for name in ("checkpoint", "input", "output"):

@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +78,7 @@ from unet_ray.io.slide_writers import (
     part_uri,
 )
 from unet_ray.io.writers import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED
+from unet_ray.runtime.batch import TASK_RETRIES, peak_rss_mb, process_name
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,6 @@ MPP_MISMATCH_RATIO = 1.5  # warn when segmenting this much finer/coarser than th
 REGION_ATTEMPTS = 2  # tries of a region in each stage before it is recorded failed
 READER_CACHE = 2  # open slides kept per actor (regions of one slide usually arrive together)
 TASKS_IN_FLIGHT_PER_ACTOR = 2
-TASK_RETRIES = 2  # Ray retries of a region whose actor (either stage) died
 PARTS_SIGNATURE = "signature.json"  # in the parts folder: the settings its parts were made with
 RESULT_COLUMNS = (  # one row per region, from stage 2 (FinishRegions) to the driver
     "slide",
@@ -127,11 +126,6 @@ class SlideError(ValueError):
 
 
 # ----------------------------------------------------------------------------- inference
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (MiB; Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ----------------------------------------------------------------------------- one region
@@ -176,7 +170,7 @@ def infer_region(
 ) -> dict[str, Any]:
     """Stage 1 of one region: read its window and infer its maps; the row ``FinishRegions``
     takes (float16 maps, the spill crop of the image for the part's table, timings)."""
-    from unet_ray.segment import MAP_DTYPE
+    from unet_ray.runtime.batch import MAP_DTYPE
 
     started = time.time()
     image = read_frame_window(reader, region.window, plan.scale)
@@ -240,17 +234,12 @@ def failed_region_row(plan_uri: str, key: str, message: str) -> dict[str, Any]:
 
 def empty_maps() -> dict[str, np.ndarray]:
     """The array columns of a row that stage 1 could not fill (every block keeps one schema)."""
-    from unet_ray.segment import MAP_DTYPE
+    from unet_ray.runtime.batch import MAP_DTYPE
 
     return {
         "probabilities": np.zeros((0, 0, 0), dtype=MAP_DTYPE),
         "spill_image": np.zeros((0, 0, 3), dtype=np.uint8),
     }
-
-
-def process_name() -> str:
-    """``node:pid`` of this process: names the actor or worker in the result rows."""
-    return f"{os.uname().nodename}:{os.getpid()}"
 
 
 def task_region(task: dict[str, Any]) -> tuple[SlidePlan, Region]:
@@ -288,7 +277,7 @@ class InferRegions:
         return self.readers[plan.uri]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from unet_ray.segment import columns_of
+        from unet_ray.runtime.batch import columns_of
 
         return columns_of([self.infer_task(str(task)) for task in batch["task"]])
 
@@ -321,7 +310,7 @@ def try_region(
     """``action()`` up to ``REGION_ATTEMPTS`` times: its result and "", or None and the last
     error's message; each failure is logged (``what`` failed) and followed by
     ``after_failure()``. One bad region must never abort the dataset."""
-    from unet_ray.segment import describe_error
+    from unet_ray.runtime.batch import describe_error
 
     message = ""
     for attempt in range(1, REGION_ATTEMPTS + 1):
@@ -354,7 +343,7 @@ class FinishRegions:
         self.worker = process_name()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from unet_ray.segment import columns_of
+        from unet_ray.runtime.batch import columns_of
 
         rows = []
         for index in range(len(batch["task"])):
@@ -565,7 +554,7 @@ def build_region_dataset(
     from one stage to the next, so both run at once."""
     import ray
 
-    from unet_ray.segment import actor_stage, finish_workers, post_task_cpus
+    from unet_ray.runtime.batch import actor_stage, finish_workers, post_task_cpus
 
     items = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     inferred = actor_stage(
@@ -606,7 +595,7 @@ def run_region_job(
 ) -> None:
     """Segment every pending region of ``plans`` on the actor pool; call ``on_slide_done(plan,
     its result rows)`` as soon as the last region of a slide reports (rows of this run only)."""
-    from unet_ray.segment import job_data_context, one_line
+    from unet_ray.runtime.batch import job_data_context, one_line
 
     tasks = region_tasks(plans)
     by_uri = {plan.uri: plan for plan in plans}
@@ -745,7 +734,7 @@ def segment_slides(
 
     from unet_ray.io.checkpoint import read_checkpoint_info
     from unet_ray.io.writers import manifest_row
-    from unet_ray.segment import describe_error
+    from unet_ray.runtime.batch import describe_error
 
     check_slide_config(slide, segment)
     model_mpp = training_mpp(read_checkpoint_info(checkpoint))

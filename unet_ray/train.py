@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -29,7 +28,8 @@ from unet_ray.core.schedules import config_learning_rate
 from unet_ray.inference import image_logits, make_batch_predictor
 from unet_ray.io.checkpoint import CONFIG_FILE, MODEL_FILE, save_checkpoint
 from unet_ray.io.prepared import VAL_SPLIT
-from unet_ray.progress import Progress, is_terminal
+from unet_ray.runtime.cluster import init_ray, is_verbose, quiet_worker_logging
+from unet_ray.runtime.progress import Progress, is_terminal
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,6 @@ TENSORBOARD_DIR = "tensorboard"
 SCORE_METRIC = "val_pixel_f1"
 BEST_SCORE_METRIC = "best_val_pixel_f1"  # running maximum: what Tune's ASHA compares trials on
 VAL_IMAGES_CSV = "val_images.csv"  # per-image validation scores of the latest epoch
-API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients find the dashboard
-PROGRESS_NOTICE_KEY = "ray_data_progress_manager_disabled"  # Ray Data's log_once key
-VERBOSE_ENV = "UNET_RAY_VERBOSE"  # "1": Ray's progress bars and INFO lines on the console
 DATA_CPUS = 1  # a training run's Ray Data pipeline (read + augment) needs one CPU of its own
 # Fault injection for tests and drills: the last rank dies (os._exit) early in this epoch
 # (1-based), once: the marker file records that it already happened.
@@ -748,153 +745,6 @@ def _fault_injection_from_env() -> dict[str, Any]:
 def required_cpus(config: Config) -> int:
     """CPUs one training run needs: its workers' plus one for the Ray Data pipeline."""
     return config.train.workers * config.train.cpus_per_worker + DATA_CPUS
-
-
-def is_verbose() -> bool:
-    """Whether Ray's own progress bars and INFO lines are shown (``--verbose`` sets it)."""
-    return os.environ.get(VERBOSE_ENV) == "1"
-
-
-def quiet_ray_logging() -> None:
-    """Unless verbose: Ray Data's progress bars off and Ray's INFO lines kept out of the console
-    (this process's and, through ``ray.init(logging_config=...)``, the workers'); they stay in
-    Ray's session log folder. Our own progress lines are plain prints and still show."""
-    if is_verbose():
-        return
-    import ray
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    quiet_worker_logging()
-
-
-def _skip_progress_bar_notice() -> None:
-    """Ray Data warns once per process that progress bars are off; we turned them off on
-    purpose (``--verbose`` turns them on), so mark that warning as given."""
-    from ray.util.debug import log_once
-
-    log_once(PROGRESS_NOTICE_KEY)
-
-
-# Ray loggers whose warnings are transient noise on an overloaded machine: unless verbose their
-# records below ERROR are demoted to DEBUG, which Ray Train's console handler drops and its log
-# files keep.
-TRANSIENT_RAY_LOGGERS = (
-    # Ray Train's controller registers its resources with the autoscaling coordinator; when the
-    # CPU is overloaded the request times out, is sent again, and is logged with a traceback
-    # that Ray itself calls "safe to ignore" if transient (seen with a load average of 27 here)
-    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
-)
-QUIET_WORKER_HOOK = "unet_ray.train.quiet_worker_logging"  # worker_process_setup_hook
-
-
-class DemoteToDebug(logging.Filter):
-    """A logger filter that lowers records below ERROR to DEBUG. A filter, not a level: Ray Train
-    configures its ``ray.train`` loggers with ``dictConfig``, which resets the levels (not the
-    filters) of the loggers below it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
-
-
-def quiet_worker_logging() -> None:
-    """In a Ray worker (and the driver): Ray's INFO lines (Ray Train logs one per report, Ray
-    Data one per execution and write, some under loggers named by file path) go to Ray's log
-    files, not the console, and so do the ``TRANSIENT_RAY_LOGGERS``' warnings. Every worker
-    process of a quiet run calls it as it starts (``QUIET_WORKER_HOOK``)."""
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("ray") or f"{os.sep}ray{os.sep}" in name:
-            logging.getLogger(name).setLevel(logging.WARNING)
-    for name in TRANSIENT_RAY_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(one, DemoteToDebug) for one in logger.filters):
-            logger.addFilter(DemoteToDebug())
-    _skip_progress_bar_notice()
-
-
-def init_ray(min_cpus: int = 1) -> None:
-    """Connect to RAY_ADDRESS when set (a cluster, `ray job submit`); otherwise start local Ray
-    with at least ``min_cpus`` logical CPUs, so that e.g. two training workers on a 2-core laptop
-    still leave a CPU for Ray Data instead of waiting for one forever. Quiet unless verbose
-    (``quiet_ray_logging``); says once where Ray's own logs are."""
-    import ray
-
-    quiet_ray_logging()
-    if ray.is_initialized():
-        return
-    logging_config = None if is_verbose() else ray.LoggingConfig(log_level="WARNING")
-    if os.environ.get("RAY_ADDRESS"):
-        # the cluster's own state API, named for every worker of this job as for local Ray below
-        # (a machine may run several clusters, e.g. `ray start` beside a local Ray)
-        api_server = os.environ.get(API_SERVER_ENV) or cluster_api_server(os.environ["RAY_ADDRESS"])
-        if api_server:
-            os.environ[API_SERVER_ENV] = api_server
-        runtime_env = worker_runtime_env(api_server)
-        ray.init(logging_config=logging_config, runtime_env=runtime_env or None)
-    else:
-        # Ray Train's placement-group cleaner (an actor) asks the state API, served by the
-        # dashboard, without an address: with two local Ray instances on one machine it finds
-        # both and gives up. Its address, passed to every worker, names ours.
-        dashboard_port = free_port()
-        api_server = f"http://127.0.0.1:{dashboard_port}"
-        os.environ[API_SERVER_ENV] = api_server
-        ray.init(
-            address="local",  # a new instance of our own, never another command's local Ray
-            num_cpus=max(os.cpu_count() or 1, min_cpus),
-            logging_config=logging_config,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=dashboard_port,
-            runtime_env=worker_runtime_env(api_server),
-        )
-    if not is_verbose():
-        quiet_ray_logging()  # ray.init configured Ray's loggers anew
-        print(f"[unet_ray] Ray's own logs: {ray_log_folder()} (--verbose shows them)", flush=True)
-
-
-def worker_runtime_env(api_server: str | None) -> dict[str, Any]:
-    """What every worker process of our Ray needs: the state API's address (``API_SERVER_ENV``)
-    and, unless verbose, the hook that quiets Ray's console logging as the process starts."""
-    runtime_env: dict[str, Any] = {}
-    if api_server:
-        runtime_env["env_vars"] = {API_SERVER_ENV: api_server}
-    if not is_verbose():
-        runtime_env["worker_process_setup_hook"] = QUIET_WORKER_HOOK
-    return runtime_env
-
-
-def cluster_api_server(address: str) -> str | None:
-    """The state API's URL (the dashboard) of the cluster at a GCS ``address``, as Ray's job
-    client finds it; None for a Ray Client address or when the cluster does not say."""
-    if address.startswith("ray://"):
-        return None
-    from ray.dashboard.utils import ray_address_to_api_server_url
-
-    try:
-        return ray_address_to_api_server_url(address)
-    except Exception as error:  # no dashboard, or not reachable: Ray's own lookup stays
-        logger.debug("no state API address for %s: %s", address, error)
-        return None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def ray_log_folder() -> str:
-    """The log folder of this Ray session (``/tmp/ray/session_*/logs`` on local Ray)."""
-    import ray
-
-    try:
-        return ray._private.worker.global_worker.node.get_logs_dir_path()
-    except AttributeError:  # private API moved: point at Ray's default place
-        return os.path.join(tempfile.gettempdir(), "ray", "session_latest", "logs")
 
 
 def check_gpus(train: TrainConfig, cluster: dict[str, float], on_cluster: bool) -> None:

@@ -18,15 +18,12 @@ import yaml
 from unet_ray import io
 from unet_ray.core.config import Config
 from unet_ray.io.checkpoint import CONFIG_FILE, MODEL_FILE
+from unet_ray.runtime.cluster import API_SERVER_ENV, init_ray, is_verbose, quiet_ray_logging
 from unet_ray.train import (
-    API_SERVER_ENV,
     BEST_DIR,
     BEST_SCORE_METRIC,
     SCORE_METRIC,
     build_trainer,
-    init_ray,
-    is_verbose,
-    quiet_ray_logging,
     required_cpus,
     resolve_training_data,
 )
