@@ -3,7 +3,7 @@
 python benchmarks/bench_augment.py [--quick] [--json FILE]     # prints a markdown table
 
 One process, OpenCV limited to one thread, synthetic 256x256 images (the three styles in turn,
-generated before timing). Each figure applies ``unet_ray.data.build_augmentation`` (the training
+generated before timing). Each figure applies ``unet_ray.pipelines.data.build_augmentation`` (the training
 pipeline's albumentations Compose) to N images after a short warm-up; images/s per core is N over
 the CPU time the process used (so other load on the machine does not count), and the wall-clock
 rate is given beside it. "training UDF" is the whole per-epoch map function at the default
@@ -47,7 +47,7 @@ def time_calls(function, items) -> tuple[float, float]:
 
 def measure_augmentation(images, elastic_probability: float) -> tuple[float, float]:
     """(images per CPU-second, images per wall-second) of build_augmentation + augment_sample."""
-    from unet_ray.data import augment_sample, build_augmentation
+    from unet_ray.pipelines.data import augment_sample, build_augmentation
 
     transform = build_augmentation(elastic_probability, seed=AUGMENT_SEED)
     cpu, wall = time_calls(lambda pair: augment_sample(pair[0], pair[1], transform), images)
@@ -56,7 +56,7 @@ def measure_augmentation(images, elastic_probability: float) -> tuple[float, flo
 
 def measure_training_udf(images, elastic_probability: float) -> tuple[float, float]:
     """Images/s of ``augment_batch`` (the map_batches function) on one-tile batches."""
-    from unet_ray.data import augment_batch
+    from unet_ray.pipelines.data import augment_batch
 
     batches = [
         {

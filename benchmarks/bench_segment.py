@@ -233,7 +233,7 @@ def measure_actors(count: int, side: int) -> dict[str, float]:
     from unet_ray.core.config import Config, InstanceConfig, SegmentConfig
     from unet_ray.core.model import UNetVGG16BN
     from unet_ray.io.checkpoint import save_checkpoint
-    from unet_ray.segment import run_segmentation
+    from unet_ray.pipelines.segment import run_segmentation
 
     use_gpu = torch.cuda.is_available()
     results = {}
@@ -273,7 +273,7 @@ def measure_actors(count: int, side: int) -> dict[str, float]:
 def overlap_fraction(rows: list[dict]) -> float:
     """The share of the post-processing seconds (labels and writing, stage 2) during which the
     inference stage was running on some other image: 0 when the stages take turns."""
-    from unet_ray.slides import union_length
+    from unet_ray.pipelines.slides import union_length
 
     inference = [(row["infer_start"], row["infer_end"]) for row in rows]
     total = overlapped = 0.0

@@ -81,7 +81,7 @@ def measure_slide(checkpoint: str, path: str, output: str, region: int, use_gpu:
     """One job over one slide; its summary plus wall time. The actor gets the command's default
     CPUs (on CPU: the machine less the post-processing workers' share)."""
     from unet_ray.core.config import InstanceConfig, SegmentConfig, SlideConfig
-    from unet_ray.segment import run_segmentation
+    from unet_ray.pipelines.segment import run_segmentation
 
     segment = SegmentConfig(workers=1, use_gpu=use_gpu, overwrite=True)
     started = time.perf_counter()

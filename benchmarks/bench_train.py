@@ -3,7 +3,7 @@
 python benchmarks/bench_train.py [--quick] [--json FILE]     # prints a markdown table
 
 Three measurements on the same random-weight U-Net, optimiser (SGD, momentum 0.9), loss (BCE) and
-batch, all through one step function (``train_step``, the step of ``unet_ray.train``'s loop):
+batch, all through one step function (``train_step``, the step of ``unet_ray.pipelines.train_loop``):
 
 - plain: a PyTorch loop in this process on in-memory random tensors;
 - Ray: one Ray Train worker (``TorchTrainer``, ``num_workers=1``, ``prepare_model``) running the
@@ -12,10 +12,10 @@ batch, all through one step function (``train_step``, the step of ``unet_ray.tra
   the machine hits both alike; ``train_ray_vs_plain`` is the Ray worker's images/s over the
   plain loop's;
 - data wait: one Ray Train worker training on the real pipeline (a prepared synthetic dataset,
-  ``unet_ray.data.build_training_datasets``, ``iter_torch_batches`` as in ``train_one_epoch``);
+  ``unet_ray.pipelines.data.build_training_datasets``, ``iter_torch_batches`` as in ``train_one_epoch``);
   ``train_data_wait_fraction`` is the time blocked in ``next(batch)`` over the whole step time,
   every epoch after the first (the warm-up epoch) counted, epoch starts included. As in
-  ``unet_ray.train``, one Ray Data execution streams all epochs (``stream_batches``); the
+  ``unet_ray.pipelines.train_loop``, one Ray Data execution streams all epochs (``stream_batches``); the
   pipeline's start-up, paid once per run, is reported apart (``train_pipeline_start_wait_s``).
 
 Images/s is the batch over the fastest timed step: other work on a shared machine only ever
@@ -159,7 +159,7 @@ def synchronise(device) -> None:
 
 
 def build_training_objects(settings: dict, device, prepare=None):
-    """(model, optimiser, loss) as ``unet_ray.train`` builds them, on ``device``, seeded.
+    """(model, optimiser, loss) as ``unet_ray.pipelines.train_loop`` builds them, on ``device``, seeded.
 
     ``prepare`` (e.g. ``ray.train.torch.prepare_model``) is applied to the model on a worker.
     """
@@ -199,7 +199,7 @@ def make_random_batches(settings: dict, device) -> list[tuple]:
 
 
 def train_step(model, optimizer, loss_function, images, masks, settings: dict) -> float:
-    """One optimisation step, as in ``unet_ray.train.train_one_epoch``; returns the loss (the
+    """One optimisation step, as in ``unet_ray.pipelines.train_loop.train_one_epoch``; returns the loss (the
     ``float`` waits for the device, so the step is complete when this returns)."""
     import torch
 
@@ -471,13 +471,13 @@ def summarise_data_wait(
 
 
 def data_wait_loop(settings: dict) -> dict:
-    """Ray Train worker: train on the real augmentation pipeline as ``unet_ray.train`` does
+    """Ray Train worker: train on the real augmentation pipeline as ``unet_ray.pipelines.train_loop`` does
     (``stream_batches``, ``steps_per_worker_epoch``), timing ``next(batch)``; reports and returns
     ``summarise_data_wait``'s figures and the wait for the run's very first batch."""
     import ray.train
     import ray.train.torch
 
-    from unet_ray.train import stream_batches
+    from unet_ray.pipelines.train_loop import stream_batches
 
     device = ray.train.torch.get_device()
     configure_threads(settings)
@@ -548,7 +548,7 @@ def run_one_worker(loop, settings: dict, storage: str, name: str, cpus: int, dat
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from unet_ray.train import build_data_config
+    from unet_ray.pipelines.train import build_data_config
 
     data_config = {"dataset_config": build_data_config(workers=1)}  # as `unet-ray train`
     ship_module_to_workers()
@@ -577,9 +577,9 @@ def prepare_benchmark_dataset(root: str, settings: dict) -> str:
     shards copied ``settings["shard_copies"]`` times in all; its URI."""
     import shutil
 
-    from unet_ray.data import prepare_dataset
     from unet_ray.io.prepared import TRAIN_SPLIT
     from unet_ray.io.synth import write_synthetic_dataset
+    from unet_ray.pipelines.data import prepare_dataset
 
     source, prepared = os.path.join(root, "synth"), os.path.join(root, "prepared")
     side = settings["synth_side"]
@@ -599,9 +599,9 @@ def run(quick: bool = True) -> dict[str, float]:
     import ray
 
     from unet_ray.core.config import DataConfig
-    from unet_ray.data import build_training_datasets
     from unet_ray.io.prepared import TRAIN_SPLIT, count_rows
-    from unet_ray.train import steps_per_worker_epoch, training_passes
+    from unet_ray.pipelines.data import build_training_datasets
+    from unet_ray.pipelines.train_loop import steps_per_worker_epoch, training_passes
 
     device = select_device()
     settings = benchmark_settings(quick, device.type == "cuda")

@@ -3,7 +3,7 @@ synthetic images with touching nuclei.
 
 python benchmarks/heads.py [--quick] [--json FILE]
 
-Both heads train through the real pipeline (`unet_ray.train.run_training`: Ray Data, Ray Train,
+Both heads train through the real pipeline (`unet_ray.pipelines.train.run_training`: Ray Data, Ray Train,
 one CPU worker) on the same synthetic tiles of all three styles (``recipe.write_sets``: 128-px
 tiles; ~40 % of the nuclei are placed against a neighbour, touching or overlapping it), with the
 same seed, epochs, steps and schedule (today's defaults, random encoder: this runs offline). Each
@@ -41,7 +41,7 @@ def settings(quick: bool, max_lr: float) -> dict:
 def score_kept(root: Path, held_out: dict[str, str]) -> list[dict]:
     """Score the best checkpoints a ``--keep`` run left in ``root`` again (e.g. after a change
     of the post-processing), with the instance settings saved in each."""
-    from unet_ray.evaluate import evaluate_checkpoint
+    from unet_ray.pipelines.evaluate import evaluate_checkpoint
 
     rows = []
     for head in HEADS:

@@ -3,7 +3,7 @@
 python benchmarks/recipe.py [--quick] [--json FILE] [--plot FILE]
 
 A lab's own annotations are often a handful of images. This trains the U-Net through the real
-pipeline (`unet_ray.train.run_training`: Ray Data, Ray Train, one CPU worker) on 8 synthetic
+pipeline (`unet_ray.pipelines.train.run_training`: Ray Data, Ray Train, one CPU worker) on 8 synthetic
 128-px tiles of all three styles, twice:
 
 - ``before``: the defaults before issue 12: an epoch is one pass over the tiles (8 tiles at batch
@@ -94,8 +94,8 @@ def train_and_score(
     name: str, overrides: dict, source: str, held_out: dict[str, str], root: Path
 ) -> list[dict]:
     from unet_ray.core.config import Config
-    from unet_ray.evaluate import evaluate_checkpoint
-    from unet_ray.train import run_training
+    from unet_ray.pipelines.evaluate import evaluate_checkpoint
+    from unet_ray.pipelines.train import run_training
 
     values = {
         "model": {"encoder_weights": "none", **overrides.get("model", {})},
@@ -139,9 +139,9 @@ def train_and_score(
 
 
 def _steps_run(result, config) -> int:
-    from unet_ray.data import tile_copies
     from unet_ray.io.prepared import read_dataset_info
-    from unet_ray.train import steps_per_worker_epoch
+    from unet_ray.pipelines.data import tile_copies
+    from unet_ray.pipelines.train_loop import steps_per_worker_epoch
 
     tiles = read_dataset_info(str(Path(config.train.output) / "prepared"))["train"]["tiles"]
     copies = tile_copies(tiles, 1, config.train.batch_size, config.train.min_steps_per_epoch)

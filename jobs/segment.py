@@ -44,7 +44,7 @@ def write_smoke_test_inputs(root: str) -> tuple[str, str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unet_ray.segment import add_segment_arguments, segment_main
+    from unet_ray.cli import add_segment_arguments, segment_main
 
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(

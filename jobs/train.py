@@ -26,7 +26,7 @@ SMOKE_TEST_FLAGS = {
 
 
 def main(argv=None) -> int:
-    from unet_ray.train import run_training
+    from unet_ray.pipelines.train import run_training
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_train_arguments(parser)

@@ -30,7 +30,8 @@ SMOKE_TEST_FLAGS = {
 
 
 def main(argv=None) -> int:
-    from unet_ray.tune import run_tuning, tune_config_from_args
+    from unet_ray.cli import tune_config_from_args
+    from unet_ray.pipelines.tune import run_tuning
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_train_arguments(parser)

@@ -29,7 +29,7 @@ _ISOLATED_ENV_KEYS = (
     "RAY_AUTH_TOKEN_PATH",
     "RAY_USAGE_STATS_ENABLED",
     "TORCH_HOME",
-    "UNET_RAY_NO_DOWNLOAD",  # unet_ray.model: never download the ImageNet encoder weights
+    "UNET_RAY_NO_DOWNLOAD",  # unet_ray.io.checkpoint: never download the ImageNet encoder weights
 )
 _saved_env: dict[str, str | None] = {}
 _torch_home: str | None = None
@@ -139,7 +139,7 @@ def ray_local(s3_endpoint, tmp_path_factory):
         # with the dashboard, as users run it: Ray Train's PlacementGroupCleaner asks the state
         # API (served by the dashboard) whether a controller died, and only then releases the
         # placement group of a run whose driver or Tune trial was killed. Its workers are told
-        # which dashboard is theirs (as unet_ray.train.init_ray does), since tests start other
+        # which dashboard is theirs (as unet_ray.runtime.cluster.init_ray does), since tests start other
         # local Ray instances beside this one.
         include_dashboard=True,
         dashboard_host="127.0.0.1",
@@ -181,7 +181,7 @@ TRAINING_TILE = 64  # tile and crop side of the Ray Train and Tune tests
 def training_prepared(ray_local, training_root, tmp_path_factory) -> str:
     """``training_root`` prepared once (64-px tiles, a quarter of the images for validation) for
     every training and search test of the session; they only read it."""
-    from unet_ray.data import prepare_dataset
+    from unet_ray.pipelines.data import prepare_dataset
 
     output = str(tmp_path_factory.mktemp("training_prepared"))
     prepare_dataset(str(training_root), output, tile_size=TRAINING_TILE, val_fraction=0.25, seed=0)

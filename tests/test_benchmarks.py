@@ -184,7 +184,7 @@ def test_recipe_benchmark_configs_are_valid_and_before_is_the_old_recipe(tmp_pat
     """The two recipes build valid configs; `before` is one step per epoch on 8 tiles at batch
     16 with 10-epoch first cycles and no warm-up, `after` today's defaults scaled in length."""
     from unet_ray.core.config import Config, TrainConfig
-    from unet_ray.data import tile_copies
+    from unet_ray.pipelines.data import tile_copies
 
     recipe = load_benchmark_module("recipe")
     defaults = TrainConfig()

@@ -89,7 +89,7 @@ def test_a_search_without_output_writes_to_runs_tune_in_the_working_directory(
 ):
     """Every trial of a search runs in a folder of Ray Tune's own, so the default output must be
     absolute before the search starts (a relative one made every trial fail)."""
-    from unet_ray.tune import tune_config_from_args
+    from unet_ray.cli import tune_config_from_args
 
     monkeypatch.chdir(tmp_path)
 

@@ -1,4 +1,4 @@
-"""Tests for unet_ray.data: tile geometry, the split, augmentation, prepare and the Ray pipeline."""
+"""Tests for unet_ray.pipelines.data and unet_ray.io.prepared: tile geometry, the split, augmentation, prepare and the Ray pipeline."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from scipy import ndimage
 from skimage.measure import label as label_components
 
-from unet_ray import data, io
+from unet_ray import io
 from unet_ray.core.config import DataConfig
 from unet_ray.io.prepared import (
     DATASET_FORMAT,
@@ -24,6 +24,7 @@ from unet_ray.io.prepared import (
     read_dataset_info,
     read_split_images,
 )
+from unet_ray.pipelines import data
 
 TILE = 64  # small tiles: the 64-160 px synthetic images are both padded and sliced
 THRESHOLD = 127  # an 8-bit binary image thresholds here
@@ -524,7 +525,7 @@ def test_every_pass_reads_the_files_in_a_fresh_random_order():
 def test_tile_copies_give_every_epoch_at_least_the_minimum_steps(
     tiles, workers, batch, min_steps, copies
 ):
-    from unet_ray.train import steps_per_worker_epoch
+    from unet_ray.pipelines.train_loop import steps_per_worker_epoch
 
     assert data.tile_copies(tiles, workers, batch, min_steps) == copies
     assert steps_per_worker_epoch(tiles * copies, workers, batch) >= min_steps
@@ -570,7 +571,7 @@ class CountingShard:
 def test_stream_batches_feeds_the_epochs_from_one_execution_then_starts_another(prepared_local):
     import torch
 
-    from unet_ray.train import steps_per_worker_epoch, stream_batches
+    from unet_ray.pipelines.train_loop import steps_per_worker_epoch, stream_batches
 
     config = DataConfig(image_size=TILE, augment=False)
     tiles = read_dataset_info(str(prepared_local))["train"]["tiles"]
@@ -602,7 +603,7 @@ def test_stream_batches_feeds_the_epochs_from_one_execution_then_starts_another(
 def test_training_passes_are_the_fewest_that_last_every_epoch(
     epochs, tiles, world_size, batch_size
 ):
-    from unet_ray.train import steps_per_worker_epoch, training_passes
+    from unet_ray.pipelines.train_loop import steps_per_worker_epoch, training_passes
 
     needed = epochs * steps_per_worker_epoch(tiles, world_size, batch_size) * batch_size
     passes = training_passes(epochs, tiles, world_size, batch_size)
@@ -611,7 +612,7 @@ def test_training_passes_are_the_fewest_that_last_every_epoch(
 
 
 def test_steps_per_worker_epoch_covers_each_workers_equal_share():
-    from unet_ray.train import steps_per_worker_epoch
+    from unet_ray.pipelines.train_loop import steps_per_worker_epoch
 
     assert steps_per_worker_epoch(10, world_size=2, batch_size=2) == 3  # 5 tiles each
     assert steps_per_worker_epoch(11, world_size=2, batch_size=2) == 3  # Ray drops 1 tile

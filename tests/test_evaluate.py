@@ -11,10 +11,10 @@ import torch
 from unet_ray.cli import main
 from unet_ray.core.config import Config, InstanceConfig
 from unet_ray.core.model import UNetVGG16BN
-from unet_ray.evaluate import evaluate_checkpoint
 from unet_ray.inference import score_image, summarise_scores
 from unet_ray.io.checkpoint import save_checkpoint
 from unet_ray.io.dsb import list_dsb_samples
+from unet_ray.pipelines.evaluate import evaluate_checkpoint
 
 
 @pytest.fixture(scope="module")

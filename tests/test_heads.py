@@ -15,7 +15,7 @@ from PIL import Image
 from unet_ray.cli import main
 from unet_ray.core.config import Config
 from unet_ray.io.checkpoint import load_model, read_checkpoint_info
-from unet_ray.train import run_training
+from unet_ray.pipelines.train import run_training
 
 pytestmark = pytest.mark.ray
 TILE = 64

@@ -1,4 +1,4 @@
-"""Tests for unet_ray.io: filesystems (local and a real moto S3 server), decoding, DSB2018 layout."""
+"""Tests for unet_ray.io (files, images, dsb): filesystems (local and a real moto S3 server), decoding, DSB2018 layout."""
 
 from __future__ import annotations
 

@@ -171,6 +171,6 @@ def test_job_submit_smoke_test(ray_head):
     assert "succeeded" in output
     assert "val_pixel_f1" in output  # the job printed its best metrics
     # this machine runs two clusters (the session's local Ray and this one): the job tells its
-    # workers its own cluster's state API (unet_ray.train.init_ray), so Ray Train's
+    # workers its own cluster's state API (unet_ray.runtime.cluster.init_ray), so Ray Train's
     # placement-group cleaner never gives up on "multiple active Ray instances"
     assert "Found multiple active Ray instances" not in output

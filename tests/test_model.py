@@ -345,7 +345,7 @@ def test_build_model_uses_hub_cache_file(no_hub_cache, tmp_path, vgg_state_dict,
     checkpoints.mkdir(parents=True)
     torch.save(vgg_state_dict, checkpoints / "vgg16_bn-6c64b313.pth")
     assert find_hub_encoder_weights() == str(checkpoints / "vgg16_bn-6c64b313.pth")
-    with caplog.at_level(logging.WARNING, logger="unet_ray.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="unet_ray.io.checkpoint"):
         model = build_model(ModelConfig(decoder_batchnorm=True))  # the default: imagenet
     assert torch.equal(model.encoder[0].weight, vgg_state_dict["features.0.weight"])
     assert count_batchnorm(model.decoder) == 10

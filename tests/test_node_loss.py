@@ -115,8 +115,9 @@ def test_training_survives_losing_a_worker_node(cluster, training_root, tmp_path
     """2 workers on 2 of 3 one-CPU nodes. Once epoch 1's checkpoint is registered, the last rank
     stops at the start of epoch 2 (fault drill, ``hold``) and names its node; that node is
     killed, a new one joins, and the run resumes from exactly epoch 1's checkpoint to the end."""
-    from unet_ray.data import prepare_dataset
-    from unet_ray.train import read_history, run_training
+    from unet_ray.pipelines.data import prepare_dataset
+    from unet_ray.pipelines.train import run_training
+    from unet_ray.pipelines.train_loop import read_history
 
     prepared = str(tmp_path / "prepared")
     prepare_dataset(str(training_root), prepared, tile_size=TILE, val_fraction=0.25, seed=0)
@@ -178,7 +179,7 @@ def test_segmentation_survives_losing_the_actors_node(cluster, tmp_path):
     from unet_ray.io.checkpoint import save_checkpoint
     from unet_ray.io.synth import generate_sample
     from unet_ray.io.writers import output_names
-    from unet_ray.segment import run_segmentation
+    from unet_ray.pipelines.segment import run_segmentation
 
     torch.manual_seed(0)
     checkpoint = str(tmp_path / "checkpoint")

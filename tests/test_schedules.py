@@ -94,7 +94,7 @@ def test_the_first_warm_up_step_learns():
 
     from unet_ray.core.config import Config
     from unet_ray.core.losses import build_loss
-    from unet_ray.train import train_one_epoch
+    from unet_ray.pipelines.train_loop import train_one_epoch
 
     torch.manual_seed(0)
     config = Config.from_dict(

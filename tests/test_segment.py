@@ -31,7 +31,7 @@ from unet_ray.inference import (
 from unet_ray.io.checkpoint import load_model, save_checkpoint
 from unet_ray.io.synth import generate_sample
 from unet_ray.io.writers import MANIFEST_COLUMNS, image_stem, output_names, write_manifest
-from unet_ray.segment import (
+from unet_ray.pipelines.segment import (
     FinishImages,
     SegmentActor,
     drop_own_outputs,

@@ -21,7 +21,8 @@ import tifffile
 import torch
 from PIL import Image
 
-from unet_ray import io, slides
+from unet_ray import io
+from unet_ray.cli import slide_config_from_args
 from unet_ray.core.config import (
     DEFAULT_HALO,
     Config,
@@ -45,7 +46,17 @@ from unet_ray.io.slide_reader import (
 from unet_ray.io.slide_synth import Patch, tissue_patches, write_synthetic_slide
 from unet_ray.io.slide_writers import part_uri
 from unet_ray.io.synth import generate_sample
-from unet_ray.segment import run_segmentation
+from unet_ray.pipelines import slides
+from unet_ray.pipelines.segment import run_segmentation
+from unet_ray.pipelines.slide_regions import (
+    REGION_ATTEMPTS,
+    RESULT_COLUMNS,
+    STAMP_KEYS,
+    FinishRegions,
+    InferRegions,
+    SlidePlan,
+    empty_region_row,
+)
 
 REGION, HALO = 256, 128  # four regions on the 512 x 512 seam slide; the default halo
 SLIDE_CONFIG = SlideConfig(region=REGION, halo=HALO)
@@ -172,10 +183,10 @@ def test_segment_command_takes_the_slide_flags():
     args = build_parser().parse_args(
         ["segment", "ckpt", "in", "out", "--mpp", "0.5", "--region", "2048", "--no-tissue-mask"]
     )
-    assert slides.slide_config_from_args(args) == SlideConfig(
+    assert slide_config_from_args(args) == SlideConfig(
         region=2048, halo=DEFAULT_HALO, mpp=0.5, tissue_mask=False
     )
-    defaults = slides.slide_config_from_args(build_parser().parse_args(["segment", "c", "i", "o"]))
+    defaults = slide_config_from_args(build_parser().parse_args(["segment", "c", "i", "o"]))
     assert defaults == SlideConfig()
 
 
@@ -340,8 +351,8 @@ def test_tissue_mask_keeps_only_regions_with_tissue(tmp_path):
 
 def test_post_beside_inference_counts_only_the_same_actors_other_regions():
     def row(actor: str, infer: tuple[float, float], post: tuple[float, float]) -> dict:
-        stamps = dict(zip(slides.STAMP_KEYS, (*infer, *post), strict=True))
-        return {**slides.empty_region_row("s", "r"), **stamps, "actor": actor}
+        stamps = dict(zip(STAMP_KEYS, (*infer, *post), strict=True))
+        return {**empty_region_row("s", "r"), **stamps, "actor": actor}
 
     first = row("a", (0, 10), (10, 14))
     second = row("a", (12, 20), (20, 21))
@@ -366,7 +377,7 @@ def test_both_stages_in_process_pass_errors_on_and_retry_writing_on_the_same_map
     tasks = [row["task"] for row in slides.region_tasks([plan])][:2]
     missing = json.loads(tasks[0])
     missing["plan"]["uri"] = str(tmp_path / "gone.ome.tif")  # stage 1 cannot open it
-    inference = slides.InferRegions(
+    inference = InferRegions(
         checkpoint, dataclasses.asdict(SEGMENT), threads=torch.get_num_threads()
     )
     inferred = inference({"task": np.array([*tasks, json.dumps(missing)])})
@@ -385,15 +396,15 @@ def test_both_stages_in_process_pass_errors_on_and_retry_writing_on_the_same_map
 
     blocked = Path(part_uri(plan, "r0000_c0001"))
     (blocked / "in_the_way").mkdir(parents=True)  # its part cannot replace a folder
-    finish = slides.FinishRegions(dataclasses.asdict(InstanceConfig()))
-    with caplog.at_level(logging.WARNING, logger="unet_ray.slides"):
+    finish = FinishRegions(dataclasses.asdict(InstanceConfig()))
+    with caplog.at_level(logging.WARNING, logger="unet_ray.pipelines.slide_regions"):
         result = finish(inferred)
-    assert list(result) == list(slides.RESULT_COLUMNS)
+    assert list(result) == list(RESULT_COLUMNS)
     assert list(result["status"]) == ["ok", "error", "error"]
     assert result["nuclei"][0] > 0 and Path(part_uri(plan, "r0000_c0000")).is_file()
     assert result["message"][1].startswith("labelling or writing its part failed: IsADirectory")
     tries = [record.message for record in caplog.records if "r0000_c0001" in record.message]
-    assert len(tries) == slides.REGION_ATTEMPTS
+    assert len(tries) == REGION_ATTEMPTS
     assert all("labelling or writing failed" in message for message in tries)
     assert result["message"][2] == inferred["message"][2]  # passed on untouched
     assert result["post_actor"][2] == "" and result["post_actor"][0] != ""
@@ -594,7 +605,7 @@ def test_gzipped_geojson_holds_slide_wide_labels(tmp_path):
     names = slide_writers.output_names("case", gzipped=True)
     assert names["geojson"] == "case.geojson.gz"
     path = str(tmp_path / "x.geojson.gz")
-    plan = slides.SlidePlan(
+    plan = SlidePlan(
         uri="x",
         stem="x",
         output_uri=str(tmp_path),

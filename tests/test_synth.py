@@ -1,4 +1,4 @@
-"""Tests for unet_ray.synth: exact DSB2018 layout, determinism, variety and touching nuclei."""
+"""Tests for unet_ray.io.synth: exact DSB2018 layout, determinism, variety and touching nuclei."""
 
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ from unet_ray import io
 from unet_ray.cli import build_parser, config_from_args, main
 from unet_ray.core.config import Config
 from unet_ray.io.checkpoint import load_model
-from unet_ray.train import registered_epochs, run_training
+from unet_ray.pipelines.train import run_training
+from unet_ray.pipelines.train_loop import registered_epochs
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -207,7 +208,7 @@ def test_gpu_training_without_gpus_is_a_usage_error_on_local_ray(
     training (Ray Train would wait for them forever); a cluster that may still add GPU nodes
     only warns."""
     from unet_ray.core.config import TrainConfig
-    from unet_ray.train import check_gpus
+    from unet_ray.pipelines.train import check_gpus
 
     assert ray_local.cluster_resources().get("GPU", 0) == 0  # this machine has none
     output = tmp_path / "run"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from unet_ray.cli import build_parser, config_from_args
+from unet_ray.cli import build_parser, config_from_args, tune_config_from_args
 from unet_ray.core.config import Config
-from unet_ray.train import SCORE_METRIC
-from unet_ray.tune import (
+from unet_ray.pipelines.train_loop import SCORE_METRIC
+from unet_ray.pipelines.tune import (
     EXPERIMENT_NAME,
     SEARCH_METRIC,
     build_asha,
@@ -27,7 +27,6 @@ from unet_ray.tune import (
     run_tuning,
     state_api_problem,
     summarise_trials,
-    tune_config_from_args,
 )
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -1,4 +1,9 @@
-"""The ``unet-ray`` command: argparse subcommands that call the package's functions."""
+"""The ``unet-ray`` command: every flag, its translation into configs, and every subcommand.
+
+Layer 6, on top of the package and imported by nothing in it (``jobs/*.py`` and the console
+script import it). Each subcommand imports its pipeline when it runs, so ``unet-ray --help`` and a
+bad flag answer without loading torch or Ray.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +15,22 @@ import os
 import sys
 from collections.abc import Sequence
 
+import yaml
+
 from unet_ray.core.config import (
+    DEFAULT_HALO,
+    DEFAULT_REGION,
     ENCODER_IMAGENET,
     ENCODER_NONE,
     EVALUATE_SPLITS,
     HEADS,
+    LABEL_TILE,
     LOSSES,
     SCHEDULERS,
     Config,
     InstanceConfig,
+    SegmentConfig,
+    SlideConfig,
     load_config,
 )
 
@@ -233,6 +245,132 @@ def absolute_path(uri: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(str(uri)))
 
 
+DEFAULT_OUTPUT = "runs/tune"  # relative to the user's working directory
+
+
+def config_file_sets_output(args: argparse.Namespace) -> bool:
+    """Whether the --config file names ``train.output`` (then a search writes there; otherwise
+    into ``runs/tune``, never into a training run's default ``runs/train``)."""
+    path = getattr(args, "config", None)
+    if path is None:
+        return False
+    with open(os.path.expanduser(path)) as handle:
+        values = yaml.safe_load(handle) or {}
+    return bool((values.get("train") or {}).get("output"))
+
+
+def tune_config_from_args(args: argparse.Namespace, config: Config) -> Config:
+    """Apply `unet-ray tune`'s own flags; the train flags were applied by ``config_from_args``."""
+    values = config.to_dict()
+    if getattr(args, "output", None) is None and not config_file_sets_output(args):
+        # absolute now: every trial runs in a folder of Tune's own (Ray chdirs into it)
+        values["train"]["output"] = os.path.abspath(DEFAULT_OUTPUT)
+    for attribute, field_name in (
+        ("num_samples", "num_samples"),
+        ("max_epochs", "max_epochs"),
+        ("max_concurrent", "max_concurrent"),
+    ):
+        if getattr(args, attribute, None) is not None:
+            values["tune"][field_name] = getattr(args, attribute)
+    return Config.from_dict(values)
+
+
+def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``unet-ray segment`` and ``jobs/segment.py``."""
+    defaults = SegmentConfig()
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder (local, s3://)")
+    parser.add_argument("input", metavar="INPUT", help="image folder, s3:// prefix or one image")
+    parser.add_argument("output", metavar="OUTPUT", help="output folder or s3:// prefix")
+    parser.add_argument(
+        "--tile", type=int, default=defaults.tile, help="network input side, multiple of 32"
+    )
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=defaults.overlap,
+        help="context margin kept around each tile's core (pixels per side)",
+    )
+    parser.add_argument(
+        "--scheme",
+        choices=("default", "reference"),
+        default=defaults.scheme,
+        help="reference: the report's 128-px cores reflect-padded to 256 (ignores --tile/--overlap)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="tiles per inference batch"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=defaults.workers, help="inference actors (one model each)"
+    )
+    parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    parser.add_argument(
+        "--cpus-per-worker", type=int, help="CPUs per actor (default: a fair share of the cluster)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="redo images whose outputs are complete"
+    )
+    add_instance_arguments(parser)
+    add_slide_arguments(parser)
+
+
+def configs_from_args(
+    args: argparse.Namespace, saved: InstanceConfig
+) -> tuple[SegmentConfig, InstanceConfig]:
+    """Validated segment config from parsed flags, and the instance config: the checkpoint's
+    (``saved``) with the instance flags given applied."""
+    config = Config.from_dict(
+        {
+            "segment": {
+                "tile": args.tile,
+                "overlap": args.overlap,
+                "scheme": args.scheme,
+                "batch_size": args.batch_size,
+                "workers": args.workers,
+                "use_gpu": bool(args.gpu),
+                "overwrite": bool(args.overwrite),
+            },
+        }
+    )
+    return config.segment, instance_config_from_args(args, saved)
+
+
+def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
+    """The whole-slide flags of ``unet-ray segment`` and ``jobs/segment.py``."""
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        help="microns per pixel to segment slides at (default: each slide's own)",
+    )
+    parser.add_argument(
+        "--region",
+        type=int,
+        default=DEFAULT_REGION,
+        help=f"slide region side in pixels, a multiple of {LABEL_TILE}; TIFFs larger than one "
+        "region are read by window as slides",
+    )
+    parser.add_argument(
+        "--halo",
+        type=int,
+        default=DEFAULT_HALO,
+        help="context read around each slide region; nuclei up to halo - overlap px stay whole",
+    )
+    parser.add_argument(
+        "--no-tissue-mask",
+        dest="tissue_mask",
+        action="store_false",
+        help="segment every slide region, also background",
+    )
+
+
+def slide_config_from_args(args: argparse.Namespace) -> SlideConfig:
+    return SlideConfig(
+        region=getattr(args, "region", DEFAULT_REGION),
+        halo=getattr(args, "halo", DEFAULT_HALO),
+        mpp=getattr(args, "mpp", None),
+        tissue_mask=getattr(args, "tissue_mask", True),
+    )
+
+
 # ----------------------------------------------------------------------------- subcommands
 
 
@@ -247,9 +385,10 @@ def command_synth(args: argparse.Namespace) -> int:
 
 
 def command_prepare(args: argparse.Namespace) -> int:
-    from unet_ray.data import prepare_dataset
+    from unet_ray.pipelines.data import prepare_dataset
+    from unet_ray.runtime.cluster import init_ray
 
-    _init_ray()
+    init_ray()
     info = prepare_dataset(
         absolute_path(args.src), absolute_path(args.out), args.tile, args.val_fraction, args.seed
     )
@@ -261,7 +400,7 @@ def command_prepare(args: argparse.Namespace) -> int:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from unet_ray.train import run_training
+    from unet_ray.pipelines.train import run_training
 
     config = config_from_args(args)
     result = run_training(config)
@@ -271,7 +410,7 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def command_tune(args: argparse.Namespace) -> int:
-    from unet_ray.tune import run_tuning, tune_config_from_args
+    from unet_ray.pipelines.tune import run_tuning
 
     config = tune_config_from_args(args, config_from_args(args))
     summary = run_tuning(config)
@@ -281,7 +420,7 @@ def command_tune(args: argparse.Namespace) -> int:
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
-    from unet_ray.evaluate import evaluate_checkpoint
+    from unet_ray.pipelines.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
         absolute_path(args.checkpoint),
@@ -294,15 +433,41 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
 
 def command_segment(args: argparse.Namespace) -> int:
-    from unet_ray.segment import segment_main
-
     return segment_main(args)
 
 
-def _init_ray() -> None:
+def segment_main(args: argparse.Namespace) -> int:
+    """Run ``unet-ray segment`` from parsed flags (starting local Ray if none); exit code.
+
+    Bad flags and an OUTPUT that cannot be written raise ValueError before Ray starts.
+    """
+    from unet_ray import io
+    from unet_ray.io.checkpoint import read_checkpoint_info
+    from unet_ray.pipelines.segment import run_segmentation
     from unet_ray.runtime.cluster import init_ray
 
+    # Ray's actors run in another working directory: local paths are the user's, made absolute
+    for name in ("checkpoint", "input", "output"):
+        setattr(args, name, absolute_path(getattr(args, name)))
+    saved = Config.from_dict(read_checkpoint_info(args.checkpoint).get("config", {})).instances
+    segment, instances = configs_from_args(args, saved)
+    print("instances: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(instances).items()))
+    io.check_writable(args.output)
     init_ray()
+    summary = run_segmentation(
+        args.checkpoint,
+        args.input,
+        args.output,
+        segment,
+        instances,
+        cpus_per_worker=getattr(args, "cpus_per_worker", None),
+        slide=slide_config_from_args(args),
+    )
+    print(
+        f"{summary.ok} ok, {summary.error} error, {summary.skipped} skipped; "
+        f"manifest: {summary.manifest}"
+    )
+    return summary.exit_code
 
 
 # ----------------------------------------------------------------------------- parser
@@ -362,22 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=command_evaluate)
 
     segment = commands.add_parser("segment", help="segment an image collection on Ray Data")
-    _add_segment_arguments(segment)
+    add_segment_arguments(segment)
     segment.set_defaults(handler=command_segment)
     return parser
-
-
-def _add_segment_arguments(parser: argparse.ArgumentParser) -> None:
-    from unet_ray.segment import add_segment_arguments
-
-    add_segment_arguments(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose:
-        os.environ["UNET_RAY_VERBOSE"] = "1"  # read by unet_ray.train.init_ray
+        os.environ["UNET_RAY_VERBOSE"] = "1"  # read by unet_ray.runtime.cluster.init_ray
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -63,7 +63,7 @@ class DataConfig:
 
 @dataclass
 class InstanceConfig:
-    """Probability maps -> instance labels (``unet_ray.instances``); one set of values, saved in
+    """Probability maps -> instance labels (``unet_ray.core.instances``); one set of values, saved in
     the checkpoint, serves validation, `unet-ray evaluate` and `unet-ray segment`."""
 
     threshold: float = 0.5  # nucleus probability above which a pixel is nucleus

@@ -99,7 +99,7 @@ def build_loss(name: str, contour_weight: float = 1.0) -> nn.Module:
 def contour_from_labels(labels: torch.Tensor) -> torch.Tensor:
     """Contour target (bool N x 1 x H x W) of instance labels (N x H x W): the nucleus pixels
     with an 8-neighbour of another label or of the background. The same rule as
-    ``unet_ray.instances.contour_target`` (beyond the image border nothing differs)."""
+    ``unet_ray.core.instances.contour_target`` (beyond the image border nothing differs)."""
     values = labels.float()[:, None]
     larger = F.max_pool2d(values, kernel_size=3, stride=1, padding=1)
     smaller = -F.max_pool2d(-values, kernel_size=3, stride=1, padding=1)

@@ -1,6 +1,6 @@
 """Synthetic pyramidal slides (tiled, compressed OME-TIFF) for the slide tests and benchmark.
 
-A slide is a plain background with synthetic H&E tissue patches (``unet_ray.synth``) pasted on
+A slide is a plain background with synthetic H&E tissue patches (``unet_ray.io.synth``) pasted on
 it; it is written tile by tile, every level from the patches, so a 16k x 16k slide never exists
 in memory as a whole.
 """

@@ -160,3 +160,6 @@ def peak_rss_mb() -> float:
 def process_name() -> str:
     """``node:pid`` of this process: names the actor or worker in the result rows."""
     return f"{os.uname().nodename}:{os.getpid()}"
+
+
+TASKS_IN_FLIGHT_PER_ACTOR = 2  # one image running, one queued: big and small images balance

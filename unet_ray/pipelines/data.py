@@ -611,7 +611,7 @@ def build_training_datasets(
     order -> ``copies`` random ``data.image_size`` crops per tile (tiles larger than the
     network input give a new crop every time) -> augmentation (when ``data.augment``), new random
     draws for every tile of every pass. One iteration of it serves all epochs
-    (``unet_ray.train.stream_batches``), so Ray Data starts its pipeline once. Tiles are mixed by
+    (``unet_ray.pipelines.train_loop.stream_batches``), so Ray Data starts its pipeline once. Tiles are mixed by
     the consumer's shuffle buffer (``iter_torch_batches(local_shuffle_buffer_size=...)``).
     Validation reads whole images (``read_split_images``), not tiles, and is not a Ray dataset.
     """

@@ -1,37 +1,40 @@
-"""Distributed training on Ray Train: the per-worker loop, checkpoints, resume and run outputs."""
+"""What runs in each Ray Train worker: the model built or resumed, epochs of DDP training on the
+worker's shard, validation on whole images through ``unet_ray.inference`` (each image scored by
+exactly one rank), checkpoints reported to Ray Train, and the run outputs (metrics.csv,
+curves.png, TensorBoard, ``best/``). Fault injection for the drills lives here too."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import hashlib
 import io as _bytes_io
 import json
-import logging
 import math
 import os
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from unet_ray import io
-from unet_ray.core.config import Config, TrainConfig
+from unet_ray.core.config import Config
 from unet_ray.core.losses import build_loss, head_targets
-from unet_ray.core.model import use_sync_batchnorm
+from unet_ray.core.model import is_pretrained, parameter_groups, use_sync_batchnorm
 from unet_ray.core.schedules import config_learning_rate
-from unet_ray.inference import image_logits, make_batch_predictor
-from unet_ray.io.checkpoint import CONFIG_FILE, MODEL_FILE, save_checkpoint
-from unet_ray.io.prepared import VAL_SPLIT
-from unet_ray.runtime.cluster import init_ray, is_verbose, quiet_worker_logging
-from unet_ray.runtime.progress import Progress, is_terminal
-
-logger = logging.getLogger(__name__)
+from unet_ray.inference import (
+    image_logits,
+    make_batch_predictor,
+    score_image,
+    sigmoid_in_place,
+    summarise_scores,
+    validation_loss,
+)
+from unet_ray.io.checkpoint import MODEL_FILE, build_model, save_checkpoint
+from unet_ray.io.prepared import VAL_SPLIT, read_split_images
+from unet_ray.runtime.cluster import quiet_worker_logging
 
 STATE_FILE = "training_state.pt"  # optimizer state, epoch, history: only for resuming
 RUN_NAME = "ray_train"  # Ray Train's run folder under OUTPUT; same name + storage -> resume
@@ -42,16 +45,20 @@ TENSORBOARD_DIR = "tensorboard"
 SCORE_METRIC = "val_pixel_f1"
 BEST_SCORE_METRIC = "best_val_pixel_f1"  # running maximum: what Tune's ASHA compares trials on
 VAL_IMAGES_CSV = "val_images.csv"  # per-image validation scores of the latest epoch
-DATA_CPUS = 1  # a training run's Ray Data pipeline (read + augment) needs one CPU of its own
+
+
 # Fault injection for tests and drills: the last rank dies (os._exit) early in this epoch
 # (1-based), once: the marker file records that it already happened.
 FAIL_AT_EPOCH_ENV = "UNET_RAY_FAIL_AT_EPOCH"
 FAIL_MARKER_ENV = "UNET_RAY_FAIL_MARKER"
+
+
 # The injected crash waits until Ray Train has registered the previous epoch's checkpoint.
 FAULT_REGISTER_TIMEOUT_S = 300.0
 FAULT_POLL_S = 0.2
 CHECKPOINT_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2, in the run folder
-EPOCH_POLL_S = 2.0  # on a terminal, the driver's epoch bar looks at OUTPUT/metrics.csv this often
+
+
 EPOCH_COLUMNS = (
     "epoch",
     "lr",
@@ -64,22 +71,9 @@ EPOCH_COLUMNS = (
     "val_images",
     "seconds",
 )
+
+
 IMAGE_COLUMNS = ("epoch", "image", "pixel_f1", "dsb_score", "f1_50", "nuclei_true", "nuclei_pred")
-
-
-@dataclass
-class TrainResult:
-    output: str
-    best_checkpoint: str  # OUTPUT/best: a plain folder that loads without Ray
-    metrics: dict[str, Any]  # the best epoch's metrics
-    history: list[dict[str, Any]]  # one row per epoch, as in metrics.csv
-    run_starts: list[int]  # epoch each (re)start of the workers began at: [0] for one clean run
-    # the latest checkpoint's training state: "digests" (epoch -> weights digest saved) and
-    # "resumes" (epoch and digest of the weights each restart restored)
-    state: dict[str, Any]
-
-
-# ----------------------------------------------------------------------------- worker side
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -180,9 +174,6 @@ def _build_or_resume(config: Config, device: torch.device):
     drill can check that they are exactly the checkpoint's.
     """
     import ray.train
-
-    from unet_ray.core.model import is_pretrained, parameter_groups
-    from unet_ray.io.checkpoint import build_model
 
     model = build_model(config.model).to(device)
     encoder_scale = config.train.encoder_lr_scale if is_pretrained(config.model) else 1.0
@@ -327,13 +318,6 @@ def validate_images(
     ``(summary, rows)``: ``summarise_scores`` plus ``loss`` (pixel-weighted), and one row per
     image sorted by image id.
     """
-    from unet_ray.inference import (
-        score_image,
-        sigmoid_in_place,
-        summarise_scores,
-        validation_loss,
-    )
-    from unet_ray.io.prepared import read_split_images
 
     model.eval()
     predict_batch = make_batch_predictor(model, str(device), channels_last=False)
@@ -547,9 +531,6 @@ def _log_tensorboard(writer, output: str, metrics: dict[str, Any]) -> None:
             )
 
 
-# ----------------------------------------------------------------------------- run outputs
-
-
 def write_run_outputs(output: str, history: list[dict[str, Any]]) -> None:
     """OUTPUT/metrics.csv (one row per epoch) and OUTPUT/curves.png."""
     text = _bytes_io.StringIO()
@@ -591,248 +572,6 @@ def plot_curves(history: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
-# ----------------------------------------------------------------------------- driver side
-
-
-def resolve_training_data(config: Config) -> str:
-    """The prepared-shards URI for this run: given shards, raw DSB2018 prepared on the fly, or
-    (no --data) a synthetic dataset generated into OUTPUT/synthetic and prepared."""
-    from unet_ray.data import ensure_prepared
-    from unet_ray.io.synth import write_synthetic_dataset
-
-    output, data = config.train.output, config.data
-    source = data.source
-    if source is None:
-        source = io.join_uri(output, "synthetic", "stage1_train")
-        if not _has_samples(source):
-            logger.info(
-                "no --data given: generating %d synthetic images in %s", data.synth_count, source
-            )
-            write_synthetic_dataset(
-                source,
-                count=data.synth_count,
-                seed=data.seed,
-                min_side=max(64, data.tile_size // 2),
-                max_side=max(96, data.tile_size * 2),
-            )
-    return ensure_prepared(
-        source, io.join_uri(output, "prepared"), data.tile_size, data.val_fraction, data.seed
-    )
-
-
-def _has_samples(source: str) -> bool:
-    try:
-        from unet_ray.io.dsb import list_dsb_samples
-
-        return bool(list_dsb_samples(source))
-    except (ValueError, FileNotFoundError, OSError):
-        return False
-
-
-def build_trainer(
-    config: Config, prepared: str, callbacks=None, fault_injection=None, progress_lines=True
-):
-    """A TorchTrainer for this config; Ray Train's run lives in OUTPUT/ray_train.
-
-    An epoch is at least ``train.min_steps_per_epoch`` steps: a small set is drawn ``copies``
-    times per epoch (``data.tile_copies``), each draw a new random crop and augmentation.
-    ``progress_lines`` False: rank 0 prints no line per epoch (the driver shows a bar instead).
-    """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from unet_ray.data import build_training_datasets, tile_copies
-    from unet_ray.io.prepared import TRAIN_SPLIT, read_dataset_info
-
-    info = read_dataset_info(prepared)
-    if not info[VAL_SPLIT]["samples"]:
-        raise ValueError(
-            f"prepared dataset {prepared} has no validation images; raise --val-fraction"
-        )
-    workers = config.train.workers
-    train_tiles = info[TRAIN_SPLIT]["tiles"]
-    per_worker_batch = per_worker_batch_size(config.train.batch_size, workers)
-    copies = tile_copies(train_tiles, workers, per_worker_batch, config.train.min_steps_per_epoch)
-    passes = training_passes(config.train.epochs, train_tiles * copies, workers, per_worker_batch)
-    datasets = build_training_datasets(prepared, config.data, passes=passes, copies=copies)
-    filesystem, storage_path = io.resolve_filesystem(config.train.output)
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": config.to_dict(),
-            "prepared": prepared,
-            "train_tiles": train_tiles,
-            "copies": copies,
-            "samples": {split: list(info[split]["samples"]) for split in (TRAIN_SPLIT, VAL_SPLIT)},
-            "fault_injection": fault_injection or _fault_injection_from_env(),
-            "verbose": is_verbose(),
-            "progress_lines": progress_lines,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=config.train.workers,
-            use_gpu=config.train.use_gpu,
-            resources_per_worker={
-                "CPU": config.train.cpus_per_worker,
-                **({"GPU": 1} if config.train.use_gpu else {}),
-            },
-        ),
-        run_config=RunConfig(
-            name=RUN_NAME,
-            storage_path=storage_path,
-            storage_filesystem=filesystem if io.is_s3(config.train.output) else None,
-            failure_config=FailureConfig(max_failures=config.train.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=max(1, config.train.checkpoints_to_keep - 1),
-                checkpoint_score_attribute=SCORE_METRIC,
-                checkpoint_score_order="max",
-            ),
-            callbacks=callbacks,
-            # quiet unless verbose: Ray Train's INFO lines (one per report) stay in its log files
-            logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
-            # our progress lines are plain prints: no rerouting through Train's logger (which
-            # printed each line twice)
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-        ),
-        datasets=datasets,
-        dataset_config=build_data_config(workers),
-    )
-
-
-def prepare_run_config(config: Config) -> Config:
-    """The run's config with the encoder weights resolved and recorded (file name and SHA-256
-    prefix; ``imagenet`` may download them into the hub cache once), before any worker starts:
-    unavailable weights are a usage error now, not a crash in every worker. Warns when the run
-    ends in the middle of a learning-rate cycle."""
-    from unet_ray.core.schedules import mid_cycle_warning
-    from unet_ray.io.checkpoint import record_encoder_weights
-
-    train = config.train
-    warning = mid_cycle_warning(
-        train.scheduler,
-        train.epochs,
-        train.restart_epochs,
-        train.restart_cycles,
-        train.cycle_epochs,
-    )
-    if warning:
-        logger.warning(warning)
-    return dataclasses.replace(config, model=record_encoder_weights(config.model))
-
-
-def build_data_config(workers: int):
-    """Ray Train's dataset options: the training set is split among the workers (equal rows
-    each); validation is not a Ray dataset (``validate_images``). One worker reads the training set itself:
-    splitting it for one starts a coordinator actor per run (5-8 s of a short run on 2 cores)
-    that only passes the same rows on."""
-    import ray.train
-
-    from unet_ray.io.prepared import TRAIN_SPLIT
-
-    return ray.train.DataConfig(datasets_to_split=[TRAIN_SPLIT] if workers > 1 else [])
-
-
-def _fault_injection_from_env() -> dict[str, Any]:
-    if not os.environ.get(FAIL_AT_EPOCH_ENV):
-        return {}
-    return {
-        "epoch": int(os.environ[FAIL_AT_EPOCH_ENV]),
-        "marker": os.environ.get(
-            FAIL_MARKER_ENV, os.path.join(tempfile.gettempdir(), "unet_ray_fail")
-        ),
-    }
-
-
-def required_cpus(config: Config) -> int:
-    """CPUs one training run needs: its workers' plus one for the Ray Data pipeline."""
-    return config.train.workers * config.train.cpus_per_worker + DATA_CPUS
-
-
-def check_gpus(train: TrainConfig, cluster: dict[str, float], on_cluster: bool) -> None:
-    """``--gpu`` asks one GPU per worker. Local Ray has what this machine has, so too few is a
-    usage error (Ray Train would wait for them forever); a cluster may still add GPU nodes
-    (autoscaling), so there it is a warning."""
-    if not train.use_gpu:
-        return
-    gpus = cluster.get("GPU", 0)
-    if gpus >= train.workers:
-        return
-    message = (
-        f"--gpu needs one GPU per worker, {train.workers} in all, but the Ray cluster has {gpus:g}"
-    )
-    if not on_cluster:
-        raise ValueError(f"{message}: drop --gpu or lower --workers")
-    logger.warning("%s: training waits until the cluster has them", message)
-
-
-def run_training(config: Config, fault_injection: dict[str, Any] | None = None) -> TrainResult:
-    """Train, or resume when OUTPUT already holds a run (same command, same --output)."""
-    import ray
-
-    io.check_writable(config.train.output)  # a bad OUTPUT is exit 2 before any work
-    config = prepare_run_config(config)
-    init_ray(required_cpus(config))
-    cluster = ray.cluster_resources()
-    check_gpus(config.train, cluster, on_cluster=bool(os.environ.get("RAY_ADDRESS")))
-    available = cluster.get("CPU", 0)
-    if available < required_cpus(config):
-        logger.warning(
-            "the Ray cluster has %s CPUs but %d workers x %d CPUs + %d for Ray Data are needed: "
-            "training waits until the cluster grows; lower --workers otherwise",
-            available,
-            config.train.workers,
-            config.train.cpus_per_worker,
-            DATA_CPUS,
-        )
-    io.make_dirs(config.train.output)
-    io.write_bytes_atomic(
-        io.join_uri(config.train.output, "config.json"),
-        json.dumps(config.to_dict(), indent=2).encode(),
-    )
-    prepared = resolve_training_data(config)
-    show_bar = is_terminal()  # a bar here; otherwise rank 0 prints one line per epoch
-    trainer = build_trainer(
-        config, prepared, fault_injection=fault_injection, progress_lines=not show_bar
-    )
-    bar = EpochBar(config.train.output, config.train.epochs) if show_bar else None
-    with bar or contextlib.nullcontext():
-        result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"training failed: {result.error}") from result.error
-    return collect_result(config.train.output, result)
-
-
-class EpochBar:
-    """On a terminal: a tqdm bar over the run's epochs while training runs (``with``), with each
-    epoch's line above it, fed from OUTPUT/metrics.csv (rank 0 rewrites it after every epoch)."""
-
-    def __init__(self, output: str, epochs: int):
-        self.output, self.epochs = output, epochs
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._poll, name="unet_ray-epoch-bar", daemon=True)
-
-    def __enter__(self):
-        self.done = len(read_history(self.output))  # a resumed run starts the bar there
-        self.progress = Progress("train", self.epochs, unit="epoch", initial=self.done, bar=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stopped.set()
-        self.thread.join()
-        self.progress.close()
-
-    def _poll(self) -> None:
-        while True:
-            last_look = self.stopped.wait(EPOCH_POLL_S)  # once more after training ended
-            history = read_history(self.output)
-            for row in history[self.done :]:
-                summary = f"val_f1 {row['val_pixel_f1']:.4f}"
-                self.progress.update(summary=summary, line=format_progress(row, self.epochs))
-            self.done = max(self.done, len(history))
-            if last_look:
-                return
-
-
 def read_history(output: str) -> list[dict[str, Any]]:
     """OUTPUT/metrics.csv as one dict per epoch (numbers as numbers); [] before the first."""
     try:
@@ -846,29 +585,3 @@ def read_history(output: str) -> list[dict[str, Any]]:
     for row in rows:
         row["epoch"] = int(row["epoch"])
     return rows
-
-
-def collect_result(output: str, result) -> TrainResult:
-    """The run's best metrics (OUTPUT/best, written by rank 0 whenever validation F1 improved) and
-    its epoch history (from the latest checkpoint)."""
-    best_uri = io.join_uri(output, BEST_DIR)
-    best_info = json.loads(io.read_bytes(io.join_uri(best_uri, CONFIG_FILE)))
-    state = _latest_state(result)
-    return TrainResult(
-        output=output,
-        best_checkpoint=best_uri,
-        metrics=best_info["metrics"],
-        history=state["history"],
-        run_starts=state["run_starts"],
-        state=state,
-    )
-
-
-def _latest_state(result) -> dict[str, Any]:
-    """The training state (history, restarts, digests), from Ray Train's latest checkpoint."""
-    if result.checkpoint is None:
-        return {"history": [], "run_starts": [], "digests": {}, "resumes": []}
-    with result.checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-    state.pop("optimizer", None)
-    return state

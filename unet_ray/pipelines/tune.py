@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import dataclasses
@@ -17,16 +16,10 @@ import yaml
 
 from unet_ray import io
 from unet_ray.core.config import Config
-from unet_ray.io.checkpoint import CONFIG_FILE, MODEL_FILE
+from unet_ray.io.checkpoint import CONFIG_FILE, MODEL_FILE, record_encoder_weights
+from unet_ray.pipelines.train import build_trainer, required_cpus, resolve_training_data
+from unet_ray.pipelines.train_loop import BEST_DIR, BEST_SCORE_METRIC, SCORE_METRIC
 from unet_ray.runtime.cluster import API_SERVER_ENV, init_ray, is_verbose, quiet_ray_logging
-from unet_ray.train import (
-    BEST_DIR,
-    BEST_SCORE_METRIC,
-    SCORE_METRIC,
-    build_trainer,
-    required_cpus,
-    resolve_training_data,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -58,36 +51,6 @@ class TuneSummary:
     rows: list[dict[str, Any]]  # one per trial, best validation F1 first
     table: str  # the same as a markdown table
     best_config: Config
-
-
-DEFAULT_OUTPUT = "runs/tune"  # relative to the user's working directory
-
-
-def config_file_sets_output(args: argparse.Namespace) -> bool:
-    """Whether the --config file names ``train.output`` (then a search writes there; otherwise
-    into ``runs/tune``, never into a training run's default ``runs/train``)."""
-    path = getattr(args, "config", None)
-    if path is None:
-        return False
-    with open(os.path.expanduser(path)) as handle:
-        values = yaml.safe_load(handle) or {}
-    return bool((values.get("train") or {}).get("output"))
-
-
-def tune_config_from_args(args: argparse.Namespace, config: Config) -> Config:
-    """Apply `unet-ray tune`'s own flags; the train flags were applied by ``config_from_args``."""
-    values = config.to_dict()
-    if getattr(args, "output", None) is None and not config_file_sets_output(args):
-        # absolute now: every trial runs in a folder of Tune's own (Ray chdirs into it)
-        values["train"]["output"] = os.path.abspath(DEFAULT_OUTPUT)
-    for attribute, field_name in (
-        ("num_samples", "num_samples"),
-        ("max_epochs", "max_epochs"),
-        ("max_concurrent", "max_concurrent"),
-    ):
-        if getattr(args, attribute, None) is not None:
-            values["tune"][field_name] = getattr(args, attribute)
-    return Config.from_dict(values)
 
 
 def build_search_space(config: Config) -> dict[str, Any]:
@@ -285,7 +248,6 @@ def run_tuning(config: Config) -> TuneSummary:
     Before any work: OUTPUT must be writable, and the encoder weights are resolved once (an
     offline machine without them is exit 2, not a crash in every trial) and recorded, so every
     trial's workers check theirs against the same SHA-256 prefix."""
-    from unet_ray.io.checkpoint import record_encoder_weights
 
     io.check_writable(config.train.output)
     build_search_space(config)  # batch sizes that fit the workers, before Ray starts

@@ -23,6 +23,7 @@ from unet_ray.inference import (
     summarise_scores,
 )
 from unet_ray.io.checkpoint import load_model
+from unet_ray.io.prepared import is_prepared, read_split_images
 
 
 def iterate_samples(
@@ -34,7 +35,6 @@ def iterate_samples(
     samples, or the ``val`` / ``train`` images of the split recorded in the checkpoint
     (``recorded``, the sample ids `prepare` put in each split).
     """
-    from unet_ray.io.prepared import is_prepared, read_split_images
 
     if split not in EVALUATE_SPLITS:
         raise ValueError(f"--split {split!r} is not one of {EVALUATE_SPLITS}")

@@ -5,11 +5,11 @@ skips images whose five outputs already exist in OUTPUT, and feeds the rest, one
 through two stages that Ray Data runs at the same time:
 
 1. a pool of ``SegmentActor``s (one model each, GPU when asked, else CPU): each reads its image,
-   cuts it into tiles (``unet_ray.tiling``), runs them through the model a batch of tiles at a
+   cuts it into tiles (``unet_ray.inference`` over ``core.tiling``), runs them through the model a batch of tiles at a
    time while stitching the logits into one C x H x W map, and passes the probabilities (float16)
    on;
-2. ``FinishImages`` workers on CPUs: instance labels (``unet_ray.instances``) and the five outputs
-   (``unet_ray.writers``), each file whole.
+2. ``FinishImages`` workers on CPUs: instance labels (``unet_ray.core.instances``) and the five outputs
+   (``unet_ray.io.writers``), each file whole.
 
 So an actor (and its GPU) infers the next image while CPU workers post-process the last one
 (``benchmarks/bench_segment.py`` measures the overlap). Every failure of one image becomes an
@@ -18,7 +18,6 @@ So an actor (and its GPU) infers the next image while CPU workers post-process t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io as bytes_io
 import logging
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from unet_ray import io
-from unet_ray.core.config import Config, InstanceConfig, SegmentConfig
+from unet_ray.core.config import InstanceConfig, SegmentConfig, SlideConfig
 from unet_ray.core.tiling import check_tile_geometry
 from unet_ray.inference import (
     image_probabilities,
@@ -40,7 +39,9 @@ from unet_ray.inference import (
     make_batch_predictor,
     select_device,
 )
+from unet_ray.io.checkpoint import load_model
 from unet_ray.io.files import is_file
+from unet_ray.io.slide_reader import SLIDE_SUFFIXES
 from unet_ray.io.writers import (
     MANIFEST_NAME,
     MANIFEST_STATUSES,
@@ -55,9 +56,11 @@ from unet_ray.io.writers import (
     read_previous_nuclei,
     write_manifest,
 )
+from unet_ray.pipelines.slides import partition_inputs, segment_slides
 from unet_ray.runtime.batch import (
     ACTOR_START_TIMEOUT_S,
     MAP_DTYPE,
+    TASKS_IN_FLIGHT_PER_ACTOR,
     UNKNOWN_NUCLEI,
     actor_stage,
     columns_of,
@@ -73,7 +76,6 @@ from unet_ray.runtime.progress import Progress
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED = 0, 1
-TASKS_IN_FLIGHT_PER_ACTOR = 2  # one image running, one queued: big and small images balance
 
 
 # ----------------------------------------------------------------------------- inference
@@ -89,8 +91,6 @@ class SegmentActor:
 
     def __init__(self, checkpoint: str, segment: dict[str, Any], threads: int = 1):
         import torch
-
-        from unet_ray.io.checkpoint import load_model
 
         self.segment = SegmentConfig(**segment)
         self.device = select_device(self.segment.use_gpu)
@@ -260,7 +260,6 @@ def list_inputs(input_uri: str) -> list[str]:
     """The image URIs of a folder/prefix (not recursive), or ``[input_uri]`` for one image file."""
     if is_file(input_uri):
         return [str(input_uri)]
-    from unet_ray.io.slide_reader import SLIDE_SUFFIXES
 
     found = io.list_files(input_uri, io.IMAGE_SUFFIXES + SLIDE_SUFFIXES)
     if not found:
@@ -409,14 +408,13 @@ def run_segmentation(
 ) -> SegmentSummary:
     """Segment every image of ``input_uri`` into ``output_uri``; write ``manifest.csv``.
 
-    Whole-slide images (``unet_ray.slides``, ``slide``: a ``SlideConfig``) run region by region
+    Whole-slide images (``unet_ray.pipelines.slides``, ``slide``: a ``SlideConfig``) run region by region
     on their own Ray Data job; their rows join the manifest.
 
     Needs a running Ray (``ray.init()``). Images whose five outputs exist are skipped unless
     ``segment.overwrite``. Bad inputs become error rows; the summary's ``exit_code`` is 1 then.
     Bad usage (geometry, an unwritable ``output_uri``, a bad checkpoint) raises before any work.
     """
-    from unet_ray.io.checkpoint import load_model
 
     check_tile_geometry(segment.tile, segment.overlap)
     if segment.workers < 1 or segment.batch_size < 1:
@@ -424,8 +422,6 @@ def run_segmentation(
     io.check_writable(output_uri)
     load_model(checkpoint)  # fail fast on a missing or corrupt checkpoint, before any actor
     inputs = drop_own_outputs(list_inputs(input_uri), input_uri, output_uri)
-    from unet_ray.core.config import SlideConfig
-    from unet_ray.slides import partition_inputs, segment_slides
 
     slide = slide or SlideConfig()
     slide_inputs, inputs = partition_inputs(inputs, slide, segment)
@@ -463,103 +459,3 @@ def run_segmentation(
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``unet-ray segment`` and ``jobs/segment.py``."""
-    from unet_ray.cli import add_instance_arguments
-
-    defaults = SegmentConfig()
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder (local, s3://)")
-    parser.add_argument("input", metavar="INPUT", help="image folder, s3:// prefix or one image")
-    parser.add_argument("output", metavar="OUTPUT", help="output folder or s3:// prefix")
-    parser.add_argument(
-        "--tile", type=int, default=defaults.tile, help="network input side, multiple of 32"
-    )
-    parser.add_argument(
-        "--overlap",
-        type=int,
-        default=defaults.overlap,
-        help="context margin kept around each tile's core (pixels per side)",
-    )
-    parser.add_argument(
-        "--scheme",
-        choices=("default", "reference"),
-        default=defaults.scheme,
-        help="reference: the report's 128-px cores reflect-padded to 256 (ignores --tile/--overlap)",
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=defaults.batch_size, help="tiles per inference batch"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=defaults.workers, help="inference actors (one model each)"
-    )
-    parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
-    parser.add_argument(
-        "--cpus-per-worker", type=int, help="CPUs per actor (default: a fair share of the cluster)"
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="redo images whose outputs are complete"
-    )
-    add_instance_arguments(parser)
-    from unet_ray.slides import add_slide_arguments
-
-    add_slide_arguments(parser)
-
-
-def configs_from_args(
-    args: argparse.Namespace, saved: InstanceConfig
-) -> tuple[SegmentConfig, InstanceConfig]:
-    """Validated segment config from parsed flags, and the instance config: the checkpoint's
-    (``saved``) with the instance flags given applied."""
-    from unet_ray.cli import instance_config_from_args
-
-    config = Config.from_dict(
-        {
-            "segment": {
-                "tile": args.tile,
-                "overlap": args.overlap,
-                "scheme": args.scheme,
-                "batch_size": args.batch_size,
-                "workers": args.workers,
-                "use_gpu": bool(args.gpu),
-                "overwrite": bool(args.overwrite),
-            },
-        }
-    )
-    return config.segment, instance_config_from_args(args, saved)
-
-
-def segment_main(args: argparse.Namespace) -> int:
-    """Run ``unet-ray segment`` from parsed flags (starting local Ray if none); exit code.
-
-    Bad flags and an OUTPUT that cannot be written raise ValueError before Ray starts.
-    """
-    from unet_ray.cli import absolute_path
-    from unet_ray.runtime.cluster import init_ray
-    from unet_ray.slides import slide_config_from_args
-
-    # Ray's actors run in another working directory: local paths are the user's, made absolute
-    for name in ("checkpoint", "input", "output"):
-        setattr(args, name, absolute_path(getattr(args, name)))
-    from unet_ray.io.checkpoint import read_checkpoint_info
-
-    saved = Config.from_dict(read_checkpoint_info(args.checkpoint).get("config", {})).instances
-    segment, instances = configs_from_args(args, saved)
-    print("instances: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(instances).items()))
-    io.check_writable(args.output)
-    init_ray()
-    summary = run_segmentation(
-        args.checkpoint,
-        args.input,
-        args.output,
-        segment,
-        instances,
-        cpus_per_worker=getattr(args, "cpus_per_worker", None),
-        slide=slide_config_from_args(args),
-    )
-    print(
-        f"{summary.ok} ok, {summary.error} error, {summary.skipped} skipped; "
-        f"manifest: {summary.manifest}"
-    )
-    return summary.exit_code

@@ -3,7 +3,7 @@
 A *slide* is a pyramidal or tiled TIFF, OME-TIFF, SVS or other ``tiffslide`` format (OpenSlide's
 formats too where ``openslide-python`` and ``openslide-bin`` are installed, extra ``[slides]``)
 larger than one region. ``unet-ray segment`` routes such inputs here; smaller images keep the
-whole-image path of ``unet_ray.segment``.
+whole-image path of ``unet_ray.pipelines.segment``.
 
 The driver opens each slide only for its metadata and a low-resolution *overview* (at most
 ``OVERVIEW_MAX_SIDE`` px), finds tissue on it (Otsu on saturation) and cuts the slide, in the
@@ -18,7 +18,7 @@ those whose centroid lies in the core, so the actor infers the next region meanw
 belongs to exactly one region, and is whole when the halo is at least the largest nucleus plus the
 network's context (``halo - overlap`` px across is guaranteed). The kept nuclei (which may reach up
 to ``halo - overlap`` px beyond the core, the *spill*) are written as one region part; when every
-region of a slide is done, ``unet_ray.slide_writers`` assembles the outputs part by part. No
+region of a slide is done, ``unet_ray.io.slide_writers`` assembles the outputs part by part. No
 process holds a slide, its probability map or its labels at full resolution: an actor holds one
 window and its maps, a post-processing worker one window's maps and labels, the assembler one
 region-sized block.
@@ -31,358 +31,76 @@ computes only what is missing).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from unet_ray import io
 from unet_ray.core.config import (
-    DEFAULT_HALO,
-    DEFAULT_REGION,
-    LABEL_TILE,
     InstanceConfig,
     SegmentConfig,
     SlideConfig,
     check_slide_config,
 )
 from unet_ray.core.regions import (
-    Region,
-    keep_owned_nuclei,
     overview_shape,
     plan_regions,
     region_has_tissue,
     tissue_mask,
 )
-from unet_ray.inference import image_probabilities, labels_from_maps
+from unet_ray.io.checkpoint import read_checkpoint_info
 from unet_ray.io.slide_reader import (
     SlideReader,
     is_slide,
-    read_frame_window,
     read_overview,
     slide_intensity_range,
 )
 from unet_ray.io.slide_writers import (
-    PARTS_SUFFIX,
     SUMMARY_SUFFIX,
+    assemble_slide,
     existing_parts,
     is_own_output,
-    part_uri,
+    remove_parts,
 )
-from unet_ray.io.writers import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED
-from unet_ray.runtime.batch import TASK_RETRIES, peak_rss_mb, process_name
+from unet_ray.io.writers import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, image_stem, manifest_row
+from unet_ray.pipelines.slide_regions import (
+    RESULT_COLUMNS,
+    TIMING_KEYS,
+    FinishRegions,
+    InferRegions,
+    SlidePlan,
+    failed_region_row,
+)
+from unet_ray.runtime.batch import (
+    TASK_RETRIES,
+    TASKS_IN_FLIGHT_PER_ACTOR,
+    actor_stage,
+    describe_error,
+    finish_workers,
+    job_data_context,
+    one_line,
+    post_task_cpus,
+)
 
 logger = logging.getLogger(__name__)
 
 MPP_MISMATCH_RATIO = 1.5  # warn when segmenting this much finer/coarser than the model learnt
-REGION_ATTEMPTS = 2  # tries of a region in each stage before it is recorded failed
-READER_CACHE = 2  # open slides kept per actor (regions of one slide usually arrive together)
-TASKS_IN_FLIGHT_PER_ACTOR = 2
 PARTS_SIGNATURE = "signature.json"  # in the parts folder: the settings its parts were made with
-RESULT_COLUMNS = (  # one row per region, from stage 2 (FinishRegions) to the driver
-    "slide",
-    "region",
-    "status",
-    "message",
-    "nuclei",
-    "cut",
-    "read_s",  # stage 1 (inference actor)
-    "infer_s",
-    "post_s",  # stage 2 (post-processing worker): labels, owned nuclei, part encoded
-    "write_s",
-    "infer_start",  # time.time() stamps: stage 1 from reading to the maps
-    "infer_end",
-    "post_start",  # stage 2 from its first try to the part written (or its last failure)
-    "post_end",
-    "peak_rss_mb",  # the inference actor's peak RSS (model, one window and its maps)
-    "actor",  # the inference actor, node:pid
-    "post_peak_rss_mb",  # the post-processing worker's (one region's maps and labels)
-    "post_actor",  # the post-processing worker, node:pid ("" when stage 1 failed)
-)
-TIMING_KEYS = ("read_s", "infer_s", "post_s", "write_s")
-STAMP_KEYS = ("infer_start", "infer_end", "post_start", "post_end")
-NUMBER_COLUMNS = (*TIMING_KEYS, *STAMP_KEYS, "peak_rss_mb", "post_peak_rss_mb")
+
+
+# ----------------------------------------------------------------------------- the driver
 
 
 class SlideError(ValueError):
     """A slide cannot be segmented as asked; the message names the slide and the problem."""
 
 
-# ----------------------------------------------------------------------------- geometry
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-# ----------------------------------------------------------------------------- tissue
-
-
-# ----------------------------------------------------------------------------- inference
-
-
-# ----------------------------------------------------------------------------- one region
-
-
-@dataclass
-class SlidePlan:
-    """What the driver decided about one slide; travels to the actors as JSON."""
-
-    uri: str
-    stem: str
-    output_uri: str
-    frame_height: int
-    frame_width: int
-    scale: float  # level-0 pixels per frame pixel
-    mpp: float | None  # microns per frame pixel, when known
-    region: int
-    halo: int
-    spill: int
-    to_segment: list[str]  # region keys with tissue
-    skipped: list[str]  # region keys without tissue
-    done: list[str]  # region keys whose part already exists (resume)
-    intensity: list[float] | None = None  # (low, high) of a 16-bit/float slide; None: 8-bit
-
-    def regions(self) -> list[Region]:
-        return plan_regions(self.frame_height, self.frame_width, self.region, self.halo, self.spill)
-
-    def region_by_key(self) -> dict[str, Region]:
-        return {region.key: region for region in self.regions()}
-
-    @property
-    def parts_uri(self) -> str:
-        return io.join_uri(self.output_uri, self.stem + PARTS_SUFFIX)
-
-
-def infer_region(
-    plan: SlidePlan,
-    region: Region,
-    reader: SlideReader,
-    predict_batch: Callable[[np.ndarray], np.ndarray],
-    segment: SegmentConfig,
-) -> dict[str, Any]:
-    """Stage 1 of one region: read its window and infer its maps; the row ``FinishRegions``
-    takes (float16 maps, the spill crop of the image for the part's table, timings)."""
-    from unet_ray.runtime.batch import MAP_DTYPE
-
-    started = time.time()
-    image = read_frame_window(reader, region.window, plan.scale)
-    read_done = time.time()
-    probabilities = image_probabilities(image, predict_batch, segment).astype(MAP_DTYPE)
-    infer_done = time.time()
-    return {
-        "slide": plan.uri,
-        "region": region.key,
-        "status": STATUS_OK,
-        "message": "",
-        "read_s": read_done - started,
-        "infer_s": infer_done - read_done,
-        "infer_start": started,
-        "infer_end": infer_done,
-        "probabilities": probabilities,
-        "spill_image": np.ascontiguousarray(image[region.spill.within(region.window)]),
-    }
-
-
-def finish_region(
-    plan: SlidePlan,
-    region: Region,
-    probabilities: np.ndarray,
-    spill_image: np.ndarray,
-    instances: InstanceConfig,
-) -> dict[str, Any]:
-    """Stage 2 of one region: label its maps, keep the nuclei it owns and write its part;
-    nuclei, cut and timings."""
-    from unet_ray.io.slide_writers import encode_region_part
-
-    started = time.time()
-    labels = labels_from_maps(probabilities, instances)
-    kept, cut = keep_owned_nuclei(labels, region, plan.frame_height, plan.frame_width)
-    del labels
-    part = encode_region_part(kept, spill_image, region, plan.scale)
-    post_done = time.time()
-    io.write_bytes_atomic(part_uri(plan, region.key), part)
-    ended = time.time()
-    return {
-        "nuclei": int(kept.max()) if kept.size else 0,
-        "cut": int(cut),
-        "post_s": post_done - started,
-        "write_s": ended - post_done,
-        "post_start": started,
-        "post_end": ended,
-    }
-
-
-def empty_region_row(plan_uri: str, key: str) -> dict[str, Any]:
-    """A result row with every column at its blank value (every block keeps one schema)."""
-    row: dict[str, Any] = {column: 0.0 for column in NUMBER_COLUMNS}
-    row.update(slide=plan_uri, region=key, status=STATUS_OK, message="")
-    row.update(nuclei=0, cut=0, actor="", post_actor="")
-    return row
-
-
-def failed_region_row(plan_uri: str, key: str, message: str) -> dict[str, Any]:
-    return {**empty_region_row(plan_uri, key), "status": STATUS_ERROR, "message": message}
-
-
-def empty_maps() -> dict[str, np.ndarray]:
-    """The array columns of a row that stage 1 could not fill (every block keeps one schema)."""
-    from unet_ray.runtime.batch import MAP_DTYPE
-
-    return {
-        "probabilities": np.zeros((0, 0, 0), dtype=MAP_DTYPE),
-        "spill_image": np.zeros((0, 0, 3), dtype=np.uint8),
-    }
-
-
-def task_region(task: dict[str, Any]) -> tuple[SlidePlan, Region]:
-    plan = SlidePlan(**task["plan"])
-    return plan, plan.region_by_key()[task["region"]]
-
-
-class InferRegions:
-    """Stage 1, a Ray Data actor: one model, loaded once; each call reads a batch of regions
-    (JSON tasks) and infers their maps, which travel on (float16, with the spill crop of the
-    image) to ``FinishRegions``, so the actor (and its GPU) goes on to the next region while
-    CPU workers label and write. A region is tried ``REGION_ATTEMPTS`` times here; a failure
-    becomes an error row that stage 2 passes on untouched."""
-
-    def __init__(self, checkpoint: str, segment: dict[str, Any], threads: float = 1):
-        import torch
-
-        from unet_ray.inference import make_batch_predictor, select_device
-        from unet_ray.io.checkpoint import load_model
-
-        self.segment = SegmentConfig(**segment)
-        self.device = select_device(self.segment.use_gpu)
-        if self.device == "cpu":  # a fractional CPU share rounds to whole threads
-            torch.set_num_threads(max(1, min(round(threads), os.cpu_count() or 1)))
-        model, _ = load_model(checkpoint, device=self.device)
-        self.predict_batch = make_batch_predictor(model, self.device)
-        self.readers: dict[str, SlideReader] = {}
-        self.actor = process_name()
-
-    def reader(self, plan: SlidePlan) -> SlideReader:
-        if plan.uri not in self.readers:
-            while len(self.readers) >= READER_CACHE:
-                self.readers.pop(next(iter(self.readers))).close()
-            self.readers[plan.uri] = SlideReader(plan.uri, plan.intensity)
-        return self.readers[plan.uri]
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from unet_ray.runtime.batch import columns_of
-
-        return columns_of([self.infer_task(str(task)) for task in batch["task"]])
-
-    def infer_task(self, task_json: str) -> dict[str, Any]:
-        """One region's stage-1 row: the maps, or an error row after ``REGION_ATTEMPTS``."""
-        plan, region = task_region(json.loads(task_json))
-        inferred, message = try_region(
-            "reading or inference",
-            plan,
-            region,
-            lambda: infer_region(plan, region, self.reader(plan), self.predict_batch, self.segment),
-            # reopen: the file may have been replaced
-            after_failure=lambda: self.readers.pop(plan.uri, None),
-        )
-        if inferred is None:
-            row = {**failed_region_row(plan.uri, region.key, message), **empty_maps()}
-        else:
-            row = {**empty_region_row(plan.uri, region.key), **inferred}
-        row.update(task=task_json, actor=self.actor, peak_rss_mb=peak_rss_mb())
-        return row
-
-
-def try_region(
-    what: str,
-    plan: SlidePlan,
-    region: Region,
-    action: Callable[[], dict[str, Any]],
-    after_failure: Callable[[], Any] | None = None,
-) -> tuple[dict[str, Any] | None, str]:
-    """``action()`` up to ``REGION_ATTEMPTS`` times: its result and "", or None and the last
-    error's message; each failure is logged (``what`` failed) and followed by
-    ``after_failure()``. One bad region must never abort the dataset."""
-    from unet_ray.runtime.batch import describe_error
-
-    message = ""
-    for attempt in range(1, REGION_ATTEMPTS + 1):
-        try:
-            return action(), ""
-        except Exception as error:
-            message = describe_error(error)
-            logger.warning(
-                "%s region %s: %s failed (attempt %d/%d): %s",
-                plan.uri,
-                region.key,
-                what,
-                attempt,
-                REGION_ATTEMPTS,
-                message,
-            )
-            if after_failure is not None:
-                after_failure()
-    return None, message
-
-
-class FinishRegions:
-    """Stage 2, Ray Data actors on CPUs: from the maps stage 1 passed on, labels, the nuclei
-    the region owns and its part written; the result row (``RESULT_COLUMNS``). A failure here is
-    retried on the same maps (``REGION_ATTEMPTS`` tries), then becomes an error row; an error
-    row of stage 1 passes untouched."""
-
-    def __init__(self, instances: dict[str, Any]):
-        self.instances = InstanceConfig(**instances)
-        self.worker = process_name()
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from unet_ray.runtime.batch import columns_of
-
-        rows = []
-        for index in range(len(batch["task"])):
-            rows.append(self.finish_row({column: batch[column][index] for column in batch}))
-        return columns_of(rows)
-
-    def finish_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        result = {column: row[column] for column in RESULT_COLUMNS}
-        if str(row["status"]) != STATUS_OK:
-            return result
-        plan, region = task_region(json.loads(str(row["task"])))
-        started = time.time()
-        finished, message = try_region(
-            "labelling or writing",
-            plan,
-            region,
-            lambda: finish_region(
-                plan, region, row["probabilities"], row["spill_image"], self.instances
-            ),
-        )
-        if finished is None:
-            result.update(
-                status=STATUS_ERROR,
-                message=f"labelling or writing its part failed: {message}",
-                post_start=started,
-                post_end=time.time(),
-            )
-        else:
-            result.update(finished, post_start=started)  # failed tries included
-        result.update(post_actor=self.worker, post_peak_rss_mb=peak_rss_mb())
-        return result
-
-
-# ----------------------------------------------------------------------------- the driver
-
-
 def stem_of(uri: str) -> str:
     """The slide's name without its suffix, OME's included: ``s3://b/case.ome.tif`` -> ``case``."""
-    from unet_ray.io.writers import image_stem
 
     stem = image_stem(uri)
     return stem[: -len(".ome")] if stem.lower().endswith(".ome") else stem
@@ -470,7 +188,6 @@ def claim_parts(plan: SlidePlan, signature: dict[str, Any]) -> None:
                 len(plan.done),
             )
         plan.done = []
-        from unet_ray.io.slide_writers import remove_parts
 
         remove_parts(plan)
     io.write_bytes_atomic(uri, json.dumps(signature, indent=2).encode())
@@ -554,8 +271,6 @@ def build_region_dataset(
     from one stage to the next, so both run at once."""
     import ray
 
-    from unet_ray.runtime.batch import actor_stage, finish_workers, post_task_cpus
-
     items = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     inferred = actor_stage(
         items,
@@ -595,7 +310,6 @@ def run_region_job(
 ) -> None:
     """Segment every pending region of ``plans`` on the actor pool; call ``on_slide_done(plan,
     its result rows)`` as soon as the last region of a slide reports (rows of this run only)."""
-    from unet_ray.runtime.batch import job_data_context, one_line
 
     tasks = region_tasks(plans)
     by_uri = {plan.uri: plan for plan in plans}
@@ -711,7 +425,6 @@ def regions_message(summary: dict[str, Any]) -> str:
 
 def assemble_remote(plan_dict: dict[str, Any], summary: dict[str, Any]) -> int:
     """Assemble one slide's outputs from its parts (run as a Ray task); its nuclei count."""
-    from unet_ray.io.slide_writers import assemble_slide
 
     return assemble_slide(SlidePlan(**plan_dict), summary)
 
@@ -731,10 +444,6 @@ def segment_slides(
     ``segment.overwrite``; a slide that cannot be opened or planned, or any of whose regions
     failed, is an ``error`` row (its finished parts stay for the rerun)."""
     import ray
-
-    from unet_ray.io.checkpoint import read_checkpoint_info
-    from unet_ray.io.writers import manifest_row
-    from unet_ray.runtime.batch import describe_error
 
     check_slide_config(slide, segment)
     model_mpp = training_mpp(read_checkpoint_info(checkpoint))
@@ -812,43 +521,6 @@ def write_error_summary(plan: SlidePlan, summary: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
-    """The whole-slide flags of ``unet-ray segment`` and ``jobs/segment.py``."""
-    parser.add_argument(
-        "--mpp",
-        type=float,
-        help="microns per pixel to segment slides at (default: each slide's own)",
-    )
-    parser.add_argument(
-        "--region",
-        type=int,
-        default=DEFAULT_REGION,
-        help=f"slide region side in pixels, a multiple of {LABEL_TILE}; TIFFs larger than one "
-        "region are read by window as slides",
-    )
-    parser.add_argument(
-        "--halo",
-        type=int,
-        default=DEFAULT_HALO,
-        help="context read around each slide region; nuclei up to halo - overlap px stay whole",
-    )
-    parser.add_argument(
-        "--no-tissue-mask",
-        dest="tissue_mask",
-        action="store_false",
-        help="segment every slide region, also background",
-    )
-
-
-def slide_config_from_args(args: argparse.Namespace) -> SlideConfig:
-    return SlideConfig(
-        region=getattr(args, "region", DEFAULT_REGION),
-        halo=getattr(args, "halo", DEFAULT_HALO),
-        mpp=getattr(args, "mpp", None),
-        tissue_mask=getattr(args, "tissue_mask", True),
-    )
 
 
 def partition_inputs(
