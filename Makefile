@@ -47,9 +47,12 @@ drills: $(STAMP)
 lock:
 	bash scripts/lock.sh $(PYTHON)
 
+# Style, then the package's shape: import-linter's contracts in pyproject.toml (layers, Ray only
+# from the runtime up, a storage-free core, no import cycle).
 lint: $(STAMP)
 	$(BIN)/ruff check unet_ray tests jobs benchmarks
 	$(BIN)/ruff format --check unet_ray tests jobs benchmarks
+	$(BIN)/lint-imports
 
 demo: $(STAMP)
 	bash scripts/demo.sh $(BIN) $(DEMO_DIR)
