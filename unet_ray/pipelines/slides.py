@@ -429,6 +429,41 @@ def assemble_remote(plan_dict: dict[str, Any], summary: dict[str, Any]) -> int:
     return assemble_slide(SlidePlan(**plan_dict), summary)
 
 
+def plan_slides(
+    checkpoint: str,
+    uris: list[str],
+    output_uri: str,
+    segment: SegmentConfig,
+    instances: InstanceConfig,
+    slide: SlideConfig,
+    started: dict[str, float],
+    planning: dict[str, float],
+) -> tuple[list[SlidePlan], list[dict[str, Any]]]:
+    """The plans of the slides to segment, and the manifest rows of those skipped (complete) or
+    refused (cannot be opened or planned). ``started`` and ``planning`` receive each slide's
+    start time and planning seconds."""
+    model_mpp = training_mpp(read_checkpoint_info(checkpoint))
+    plans: list[SlidePlan] = []
+    rows: list[dict[str, Any]] = []
+    for uri in uris:
+        started[uri] = time.perf_counter()
+        previous = None if segment.overwrite else read_summary(output_uri, stem_of(uri))
+        if previous and previous.get("status") == STATUS_OK:
+            rows.append(
+                manifest_row(uri, STATUS_SKIPPED, "outputs complete", previous.get("nuclei", ""))
+            )
+            continue
+        try:
+            plan = plan_slide(uri, output_uri, slide, segment, model_mpp)
+            claim_parts(plan, parts_signature(plan, checkpoint, segment, instances))
+            plans.append(plan)
+            planning[uri] = round(time.perf_counter() - started[uri], 3)
+        except Exception as error:
+            logger.warning("cannot plan slide %s: %s", uri, error)
+            rows.append(manifest_row(uri, STATUS_ERROR, describe_error(error)))
+    return plans, rows
+
+
 def segment_slides(
     checkpoint: str,
     uris: list[str],
@@ -446,27 +481,11 @@ def segment_slides(
     import ray
 
     check_slide_config(slide, segment)
-    model_mpp = training_mpp(read_checkpoint_info(checkpoint))
-    rows: list[dict[str, Any]] = []
-    plans: list[SlidePlan] = []
     started: dict[str, float] = {}
     planning: dict[str, float] = {}  # seconds the driver spent on each slide's overview
-    for uri in uris:
-        started[uri] = time.perf_counter()
-        previous = None if segment.overwrite else read_summary(output_uri, stem_of(uri))
-        if previous and previous.get("status") == STATUS_OK:
-            rows.append(
-                manifest_row(uri, STATUS_SKIPPED, "outputs complete", previous.get("nuclei", ""))
-            )
-            continue
-        try:
-            plan = plan_slide(uri, output_uri, slide, segment, model_mpp)
-            claim_parts(plan, parts_signature(plan, checkpoint, segment, instances))
-            plans.append(plan)
-            planning[uri] = round(time.perf_counter() - started[uri], 3)
-        except Exception as error:
-            logger.warning("cannot plan slide %s: %s", uri, error)
-            rows.append(manifest_row(uri, STATUS_ERROR, describe_error(error)))
+    plans, rows = plan_slides(
+        checkpoint, uris, output_uri, segment, instances, slide, started, planning
+    )
     assemble = ray.remote(num_cpus=1, max_retries=1)(assemble_remote)
     assembling: list[tuple[SlidePlan, dict[str, Any], Any]] = []
 

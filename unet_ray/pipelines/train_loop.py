@@ -134,19 +134,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             rank,
             world_size,
         )
-        is_best = summary["pixel_f1"] > state["best_f1"]
-        state["best_f1"] = max(state["best_f1"], summary["pixel_f1"])
-        metrics = {
-            "epoch": epoch + 1,
-            "lr": last_lr,
-            "train_loss": _all_reduce_mean(train_loss, world_size, device),
-            **{f"val_{name}": value for name, value in summary.items() if name != "n_images"},
-            "val_images": summary["n_images"],
-            BEST_SCORE_METRIC: state["best_f1"],
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-        state["epoch"] = epoch + 1
-        state["history"].append(metrics)
+        train_loss = _all_reduce_mean(train_loss, world_size, device)
+        metrics, is_best = _record_epoch(state, epoch, last_lr, train_loss, summary, started)
         _report_epoch(
             model,
             optimizer,
@@ -163,6 +152,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_batches.close()  # ends the Ray Data execution still streaming unused passes
     if writer is not None:
         writer.close()
+
+
+def _record_epoch(
+    state: dict[str, Any],
+    epoch: int,
+    last_lr: float,
+    train_loss: float,
+    summary: dict[str, Any],
+    started: float,
+) -> tuple[dict[str, Any], bool]:
+    """The epoch's metrics row, appended to ``state``'s history with the running best; and
+    whether this epoch is the best so far."""
+    is_best = summary["pixel_f1"] > state["best_f1"]
+    state["best_f1"] = max(state["best_f1"], summary["pixel_f1"])
+    metrics = {
+        "epoch": epoch + 1,
+        "lr": last_lr,
+        "train_loss": train_loss,
+        **{f"val_{name}": value for name, value in summary.items() if name != "n_images"},
+        "val_images": summary["n_images"],
+        BEST_SCORE_METRIC: state["best_f1"],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    state["epoch"] = epoch + 1
+    state["history"].append(metrics)
+    return metrics, is_best
 
 
 def _build_or_resume(config: Config, device: torch.device):
