@@ -52,6 +52,25 @@ def test_the_command_line_answers_without_loading_torch_or_ray(argv):
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
 
 
+@pytest.mark.parametrize(
+    "module", ["unet_ray.pipelines.segment", "unet_ray.pipelines.slide_regions"]
+)
+def test_post_processing_workers_import_their_job_module_without_torch(module):
+    """Ray Data's CPU post-processing workers (``FinishImages``, ``FinishRegions``; up to 8 per
+    GPU actor) import the job module to unpickle their class: torch would add ~650 MB each.
+    Only the inference actors and the driver load the model, importing torch there."""
+    completed = subprocess.run(
+        [sys.executable, "-c", f"import sys, {module}; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    loaded = {name.split(".")[0] for name in completed.stdout.split()}
+    assert "unet_ray" in loaded and "numpy" in loaded
+    assert "torch" not in loaded and "torchvision" not in loaded
+
+
 def test_the_worker_setup_hook_string_resolves_to_the_quieting_function():
     """Ray imports ``worker_process_setup_hook`` by its dotted name in every worker: a moved
     function would fail each worker at start-up, and nothing static checks a string."""

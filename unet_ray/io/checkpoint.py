@@ -82,7 +82,6 @@ def load_model(directory: str, device: str | torch.device = "cpu"):
 
     Encoder weights come from the checkpoint itself, so no encoder file is consulted.
     """
-
     info = read_checkpoint_info(directory)
     config = Config.from_dict(info.get("config", {}))
     model_uri = join_uri(directory, MODEL_FILE)

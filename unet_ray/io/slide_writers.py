@@ -72,7 +72,6 @@ TABLE_COORDINATES = ("centroid_x", "centroid_y", "min_x", "min_y", "max_x", "max
 
 
 def output_names(stem: str, gzipped: bool = False) -> dict[str, str]:
-
     return {
         "labels": stem + LABELS_SUFFIX,
         "geojson": stem + (GEOJSON_GZIP_SUFFIX if gzipped else GEOJSON_SUFFIX),
@@ -160,7 +159,6 @@ class PartCache:
     """Region parts read on demand (one GET each) and dropped once assembly has moved on."""
 
     def __init__(self, plan):
-
         self.plan = plan
         self.uri_of = lambda key: part_uri(plan, key)
         self.parts: dict[str, Any] = {}
@@ -217,7 +215,6 @@ def compose_core(plan, region, by_position, parts: PartCache, offsets) -> np.nda
 
 def piece_placement(region, dy: int, dx: int):
     """Where piece (dy, dx) of ``region`` lies in the frame."""
-
     spill, core = region.spill, region.core
     rows = {-1: (spill.top, core.top), 0: (core.top, core.bottom), 1: (core.bottom, spill.bottom)}
     columns = {
@@ -418,7 +415,6 @@ def remove_parts(plan) -> None:
 
 def assemble_slide(plan, summary: dict[str, Any]) -> int:
     """Write all outputs of one slide from its parts; returns the slide's nuclei count."""
-
     started = time.perf_counter()
     parts = PartCache(plan)
     offsets = region_offsets(plan, parts)
@@ -469,13 +465,11 @@ def part_uri(plan, key: str) -> str:
 
 
 def output_file_names(stem: str) -> list[str]:
-
     return list(output_names(stem).values())
 
 
 def is_own_output(uri: str) -> bool:
     """Our slide outputs (labels OME-TIFF) are never inputs of a later run."""
-
     return PurePosixPath(str(uri)).name.endswith(LABELS_SUFFIX)
 
 

@@ -35,7 +35,6 @@ def iterate_samples(
     samples, or the ``val`` / ``train`` images of the split recorded in the checkpoint
     (``recorded``, the sample ids `prepare` put in each split).
     """
-
     if split not in EVALUATE_SPLITS:
         raise ValueError(f"--split {split!r} is not one of {EVALUATE_SPLITS}")
     if is_prepared(data):

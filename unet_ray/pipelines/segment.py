@@ -39,7 +39,6 @@ from unet_ray.inference import (
     make_batch_predictor,
     select_device,
 )
-from unet_ray.io.checkpoint import load_model
 from unet_ray.io.files import is_file
 from unet_ray.io.slide_reader import SLIDE_SUFFIXES
 from unet_ray.io.writers import (
@@ -91,6 +90,10 @@ class SegmentActor:
 
     def __init__(self, checkpoint: str, segment: dict[str, Any], threads: int = 1):
         import torch
+
+        # lazy: io.checkpoint pulls in torch (~650 MB RSS), which the post-processing workers
+        # that import this module never need
+        from unet_ray.io.checkpoint import load_model
 
         self.segment = SegmentConfig(**segment)
         self.device = select_device(self.segment.use_gpu)
@@ -415,11 +418,14 @@ def run_segmentation(
     ``segment.overwrite``. Bad inputs become error rows; the summary's ``exit_code`` is 1 then.
     Bad usage (geometry, an unwritable ``output_uri``, a bad checkpoint) raises before any work.
     """
-
     check_tile_geometry(segment.tile, segment.overlap)
     if segment.workers < 1 or segment.batch_size < 1:
         raise ValueError("--workers and --batch-size must be at least 1")
     io.check_writable(output_uri)
+    # lazy: io.checkpoint pulls in torch (~650 MB RSS), which the post-processing workers
+    # that import this module never need
+    from unet_ray.io.checkpoint import load_model
+
     load_model(checkpoint)  # fail fast on a missing or corrupt checkpoint, before any actor
     inputs = drop_own_outputs(list_inputs(input_uri), input_uri, output_uri)
 

@@ -33,7 +33,6 @@ from unet_ray.inference import (
     make_batch_predictor,
     select_device,
 )
-from unet_ray.io.checkpoint import load_model
 from unet_ray.io.slide_reader import (
     SlideReader,
     read_frame_window,
@@ -125,7 +124,6 @@ def infer_region(
 ) -> dict[str, Any]:
     """Stage 1 of one region: read its window and infer its maps; the row ``FinishRegions``
     takes (float16 maps, the spill crop of the image for the part's table, timings)."""
-
     started = time.time()
     image = read_frame_window(reader, region.window, plan.scale)
     read_done = time.time()
@@ -154,7 +152,6 @@ def finish_region(
 ) -> dict[str, Any]:
     """Stage 2 of one region: label its maps, keep the nuclei it owns and write its part;
     nuclei, cut and timings."""
-
     started = time.time()
     labels = labels_from_maps(probabilities, instances)
     kept, cut = keep_owned_nuclei(labels, region, plan.frame_height, plan.frame_width)
@@ -187,7 +184,6 @@ def failed_region_row(plan_uri: str, key: str, message: str) -> dict[str, Any]:
 
 def empty_maps() -> dict[str, np.ndarray]:
     """The array columns of a row that stage 1 could not fill (every block keeps one schema)."""
-
     return {
         "probabilities": np.zeros((0, 0, 0), dtype=MAP_DTYPE),
         "spill_image": np.zeros((0, 0, 3), dtype=np.uint8),
@@ -213,6 +209,10 @@ class InferRegions:
         self.device = select_device(self.segment.use_gpu)
         if self.device == "cpu":  # a fractional CPU share rounds to whole threads
             torch.set_num_threads(max(1, min(round(threads), os.cpu_count() or 1)))
+        # lazy: io.checkpoint pulls in torch (~650 MB RSS), which the post-processing workers
+        # that import this module never need
+        from unet_ray.io.checkpoint import load_model
+
         model, _ = load_model(checkpoint, device=self.device)
         self.predict_batch = make_batch_predictor(model, self.device)
         self.readers: dict[str, SlideReader] = {}
@@ -226,7 +226,6 @@ class InferRegions:
         return self.readers[plan.uri]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-
         return columns_of([self.infer_task(str(task)) for task in batch["task"]])
 
     def infer_task(self, task_json: str) -> dict[str, Any]:
@@ -258,7 +257,6 @@ def try_region(
     """``action()`` up to ``REGION_ATTEMPTS`` times: its result and "", or None and the last
     error's message; each failure is logged (``what`` failed) and followed by
     ``after_failure()``. One bad region must never abort the dataset."""
-
     message = ""
     for attempt in range(1, REGION_ATTEMPTS + 1):
         try:
@@ -290,7 +288,6 @@ class FinishRegions:
         self.worker = process_name()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-
         rows = []
         for index in range(len(batch["task"])):
             rows.append(self.finish_row({column: batch[column][index] for column in batch}))

@@ -52,7 +52,6 @@ from unet_ray.core.regions import (
     region_has_tissue,
     tissue_mask,
 )
-from unet_ray.io.checkpoint import read_checkpoint_info
 from unet_ray.io.slide_reader import (
     SlideReader,
     is_slide,
@@ -101,7 +100,6 @@ class SlideError(ValueError):
 
 def stem_of(uri: str) -> str:
     """The slide's name without its suffix, OME's included: ``s3://b/case.ome.tif`` -> ``case``."""
-
     stem = image_stem(uri)
     return stem[: -len(".ome")] if stem.lower().endswith(".ome") else stem
 
@@ -310,7 +308,6 @@ def run_region_job(
 ) -> None:
     """Segment every pending region of ``plans`` on the actor pool; call ``on_slide_done(plan,
     its result rows)`` as soon as the last region of a slide reports (rows of this run only)."""
-
     tasks = region_tasks(plans)
     by_uri = {plan.uri: plan for plan in plans}
     pending = {plan.uri: len(plan.to_segment) - len(plan.done) for plan in plans}
@@ -425,7 +422,6 @@ def regions_message(summary: dict[str, Any]) -> str:
 
 def assemble_remote(plan_dict: dict[str, Any], summary: dict[str, Any]) -> int:
     """Assemble one slide's outputs from its parts (run as a Ray task); its nuclei count."""
-
     return assemble_slide(SlidePlan(**plan_dict), summary)
 
 
@@ -442,6 +438,10 @@ def plan_slides(
     """The plans of the slides to segment, and the manifest rows of those skipped (complete) or
     refused (cannot be opened or planned). ``started`` and ``planning`` receive each slide's
     start time and planning seconds."""
+    # lazy: io.checkpoint pulls in torch (~650 MB RSS), which the post-processing workers
+    # that import this module never need
+    from unet_ray.io.checkpoint import read_checkpoint_info
+
     model_mpp = training_mpp(read_checkpoint_info(checkpoint))
     plans: list[SlidePlan] = []
     rows: list[dict[str, Any]] = []

@@ -71,7 +71,6 @@ class TrainResult:
 def resolve_training_data(config: Config) -> str:
     """The prepared-shards URI for this run: given shards, raw DSB2018 prepared on the fly, or
     (no --data) a synthetic dataset generated into OUTPUT/synthetic and prepared."""
-
     output, data = config.train.output, config.data
     source = data.source
     if source is None:
@@ -170,7 +169,6 @@ def prepare_run_config(config: Config) -> Config:
     prefix; ``imagenet`` may download them into the hub cache once), before any worker starts:
     unavailable weights are a usage error now, not a crash in every worker. Warns when the run
     ends in the middle of a learning-rate cycle."""
-
     train = config.train
     warning = mid_cycle_warning(
         train.scheduler,

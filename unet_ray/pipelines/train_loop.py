@@ -333,9 +333,7 @@ def validate_images(
     ``(summary, rows)``: ``summarise_scores`` plus ``loss`` (pixel-weighted), and one row per
     image sorted by image id.
     """
-
-    model.eval()
-    predict_batch = make_batch_predictor(model, str(device), channels_last=False)
+    predict_batch = make_batch_predictor(model, str(device), channels_last=False)  # eval mode
     rows = []
     for name, image, truth in read_split_images(
         prepared, rank_share(val_samples, rank, world_size)

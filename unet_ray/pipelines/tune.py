@@ -248,7 +248,6 @@ def run_tuning(config: Config) -> TuneSummary:
     Before any work: OUTPUT must be writable, and the encoder weights are resolved once (an
     offline machine without them is exit 2, not a crash in every trial) and recorded, so every
     trial's workers check theirs against the same SHA-256 prefix."""
-
     io.check_writable(config.train.output)
     build_search_space(config)  # batch sizes that fit the workers, before Ray starts
     config = dataclasses.replace(config, model=record_encoder_weights(config.model))
