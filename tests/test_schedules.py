@@ -11,7 +11,9 @@ def test_warm_restart_starts_at_max_and_restarts():
     assert warm_restart_lr(0, 0.4, 0.0, 10) == pytest.approx(0.4)
     assert warm_restart_lr(5, 0.4, 0.0, 10) == pytest.approx(0.2)
     assert warm_restart_lr(9.999, 0.4, 0.0, 10) < 1e-6
-    assert warm_restart_lr(10, 0.4, 0.0, 10) == pytest.approx(0.4)  # restart
+    assert warm_restart_lr(10, 0.4, 0.0, 10) == 0.0  # the cycle's end is its minimum ...
+    assert warm_restart_lr(10 + 1e-9, 0.4, 0.0, 10) == 0.0  # ... within rounding of it
+    assert warm_restart_lr(10.001, 0.4, 0.0, 10) == pytest.approx(0.4)  # then the restart
     assert warm_restart_lr(20, 0.4, 0.0, 10) == pytest.approx(0.2)  # second cycle is 20 epochs long
 
 
@@ -46,7 +48,7 @@ def test_default_warm_restart_cycles_end_with_the_run():
     assert ends == pytest.approx([40 / 3, 40])
     lr_at_end = config_learning_rate(train, train.epochs - 1e-6)
     assert lr_at_end == pytest.approx(train.min_lr, rel=1e-3)  # the run ends at the minimum
-    assert config_learning_rate(train, 40 / 3 + 1e-6) == pytest.approx(train.max_lr, rel=1e-3)
+    assert config_learning_rate(train, 40 / 3 + 1e-4) == pytest.approx(train.max_lr, rel=1e-3)
 
 
 def test_warmup_ramps_linearly_from_zero():
@@ -109,3 +111,27 @@ def test_the_first_warm_up_step_learns():
     )
     assert lr == pytest.approx(0.1) and loss > 0
     assert not torch.equal(model.weight.detach(), before)
+
+
+@pytest.mark.parametrize("steps_per_epoch", [1, 7, 100])
+def test_every_run_of_1_to_200_epochs_takes_its_last_step_at_the_cycle_minimum(steps_per_epoch):
+    """The last step's rate, computed as training computes it (``step_epoch``), is the schedule's
+    minimum for every run length 1-200: warm restart with cycles sized to the run (1-3 cycles)
+    and cyclic with a cycle length that divides the run. Before the cycle-end tolerance, 134 of
+    the warm-restart runs (max lr 0.4, warm-up 1, 2 cycles) took their last step at 0.4."""
+    from unet_ray.core.config import TrainConfig
+    from unet_ray.core.schedules import config_learning_rate, step_epoch
+
+    for epochs in range(1, 201):
+        last = step_epoch(epochs - 1, steps_per_epoch - 1, steps_per_epoch)
+        runs = [
+            TrainConfig(epochs=epochs, scheduler="warm-restart", restart_cycles=cycles)
+            for cycles in (1, 2, 3)
+        ] + [
+            TrainConfig(epochs=epochs, scheduler="cyclic", cycle_epochs=cycle)
+            for cycle in (1, 2, 4, 5)
+            if epochs % cycle == 0
+        ]
+        for train in runs:
+            lr = config_learning_rate(train, last)
+            assert lr == pytest.approx(train.min_lr, abs=1e-9), (epochs, train.scheduler, lr)

@@ -16,14 +16,22 @@ CYCLE_END_TOLERANCE = 1e-6  # epochs
 
 
 def warm_restart_lr(epoch: float, max_lr: float, min_lr: float, first_cycle_epochs: float) -> float:
-    """Cosine annealing with warm restarts (SGDR, cycle length doubling after each restart)."""
+    """Cosine annealing with warm restarts (SGDR, cycle length doubling after each restart).
+
+    A cycle's end belongs to that cycle: at its end (within ``CYCLE_END_TOLERANCE``, which
+    floating-point sums of cycle lengths and step fractions need) the rate is the minimum, and
+    the restart to the maximum comes just after it. Without the tolerance a run whose cycles are
+    sized to it could take its last step at the peak rate when rounding put the run's last
+    fractional epoch a hair past the cycle end (134 of the run lengths 1-200 did).
+    """
     if first_cycle_epochs <= 0:
         raise ValueError(f"the first warm-restart cycle must be positive, got {first_cycle_epochs}")
     cycle_length = float(first_cycle_epochs)
     position = epoch
-    while position >= cycle_length:
+    while position > cycle_length + CYCLE_END_TOLERANCE:
         position -= cycle_length
         cycle_length *= RESTART_GROWTH
+    position = min(position, cycle_length)
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * position / cycle_length))
 
 
@@ -75,6 +83,13 @@ def mid_cycle_warning(
         f"{' or '.join(str(end) for end in nearest)} epochs"
         + (" or set train.restart_epochs to 0 (cycles sized to the run)" if restart_epochs else "")
     )
+
+
+def step_epoch(epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The fractional epoch whose rate step ``step`` (0-based) of epoch ``epoch`` takes: the
+    rate at the step's end, so the warm-up's first step learns and a run's last step takes the
+    schedule's value at the run's end (a cycle's minimum when the cycles end with the run)."""
+    return epoch + (step + 1) / steps_per_epoch
 
 
 def warmup_factor(epoch: float, warmup_epochs: float) -> float:

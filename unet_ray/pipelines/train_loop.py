@@ -23,7 +23,7 @@ from unet_ray import io
 from unet_ray.core.config import Config
 from unet_ray.core.losses import build_loss, head_targets
 from unet_ray.core.model import is_pretrained, parameter_groups, use_sync_batchnorm
-from unet_ray.core.schedules import config_learning_rate
+from unet_ray.core.schedules import config_learning_rate, step_epoch
 from unet_ray.inference import (
     image_logits,
     make_batch_predictor,
@@ -291,9 +291,7 @@ def train_one_epoch(
     total_loss, lr = 0.0, config.train.max_lr
     for step in range(steps_per_epoch):
         batch = next(batches)
-        # the rate at the step's end: the warm-up's first step learns (1/steps of the rate) and
-        # the run's last step takes the schedule's last, lowest value
-        lr = config_learning_rate(config.train, epoch + (step + 1) / steps_per_epoch)
+        lr = config_learning_rate(config.train, step_epoch(epoch, step, steps_per_epoch))
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         with _autocast(device):
