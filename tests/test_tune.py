@@ -14,7 +14,7 @@ import pytest
 
 from unet_ray.cli import build_parser, config_from_args, tune_config_from_args
 from unet_ray.core.config import Config
-from unet_ray.pipelines.train_loop import SCORE_METRIC
+from unet_ray.pipelines.train_loop import score_metric
 from unet_ray.pipelines.tune import (
     EXPERIMENT_NAME,
     SEARCH_METRIC,
@@ -153,7 +153,7 @@ def make_scripted_trainable(curves: dict[str, list], event_log: Path):
             if f1 is None:
                 raise RuntimeError("scripted crash")
             best = max(best, f1)
-            tune.report({SCORE_METRIC: f1, SEARCH_METRIC: best})
+            tune.report({score_metric("dsb_score"): f1, SEARCH_METRIC: best})
         time.sleep(FINALISE_S)
         with open(event_log, "a") as log:
             log.write(f"finished {name}\n")
@@ -190,7 +190,9 @@ def test_asha_stops_the_worse_trial_not_the_dipping_ones(ray_local, tmp_path):
     assert [event.split()[1] for event in events if event.startswith("started")] == list(
         SCRIPTED_CURVES
     )
-    rows = {row["scheduler"]: row for row in summarise_trials(results, SCRIPTED_EPOCHS)}
+    rows = {
+        row["scheduler"]: row for row in summarise_trials(results, SCRIPTED_EPOCHS, "dsb_score")
+    }
     worse = rows["steady-worse"]
     assert worse["epochs"] == config.tune.grace_period < SCRIPTED_EPOCHS  # stopped at rung 1
     assert worse["stopped_early"] and worse["error"] == ""
@@ -254,8 +256,9 @@ def test_interrupted_search_resumes_and_writes_results(prepared, tmp_path, ray_l
     assert started <= {row["trial_id"] for row in summary.rows}  # continued, not replaced
     rows = list(csv.DictReader((output / "trials.csv").read_text().splitlines()))
     assert len(rows) == TRIALS
-    scores = [float(row["best_val_pixel_f1"]) for row in rows]
-    assert scores == sorted(scores, reverse=True)  # sorted by best validation F1
+    scores = [float(row["best_val_score"]) for row in rows]
+    assert scores == sorted(scores, reverse=True)  # sorted by best validation score
+    assert {row["best_metric"] for row in rows} == {"dsb_score"}  # the default --best-metric
     assert {row["scheduler"] for row in rows} <= {"warm-restart", "cyclic"}
     assert {int(row["batch_size"]) for row in rows} <= {2, 4}
     # whether ASHA stops one of these real trials depends on their noisy curves: the stopping

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import yaml
 
 from unet_ray.core.config import (
+    BEST_METRICS,
     DEFAULT_HALO,
     DEFAULT_REGION,
     ENCODER_IMAGENET,
@@ -78,6 +79,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     parser.add_argument("--max-failures", type=int, help="worker failures survived by resuming")
+    parser.add_argument(
+        "--best-metric",
+        choices=BEST_METRICS,
+        help="validation metric that picks OUTPUT/best and ranks Tune's trials (default "
+        "dsb_score: the DSB2018 score, mean over IoU 0.5-0.95; f1_50: instance F1 at IoU 0.5)",
+    )
     parser.add_argument(
         "--encoder-weights",
         metavar="imagenet|none|PATH",
@@ -192,6 +199,7 @@ _TRAIN_OVERRIDES = (
     ("workers", "train", "workers"),
     ("gpu", "train", "use_gpu"),
     ("max_failures", "train", "max_failures"),
+    ("best_metric", "train", "best_metric"),
     ("encoder_weights", "model", "encoder_weights"),
     ("encoder_lr_scale", "train", "encoder_lr_scale"),
     ("warmup_epochs", "train", "warmup_epochs"),

@@ -17,6 +17,10 @@ SCHEDULERS = ("warm-restart", "cyclic", "constant")
 LOSSES = ("bce", "dice", "bce+dice")
 TILING_SCHEMES = ("default", "reference")
 EVALUATE_SPLITS = ("val", "train", "all")  # `unet-ray evaluate --split`
+# what picks the best checkpoint (OUTPUT/best) and ranks Tune's trials: a validation metric of
+# `unet-ray evaluate` (instance metrics count nuclei; pixel F1 only overlap). Every one stays in
+# metrics.csv.
+BEST_METRICS = ("dsb_score", "f1_50", "pixel_f1")
 IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * step, 2) for step in range(10))  # DSB2018: 0.50..0.95
 SIZE_MULTIPLE = 32  # five 2x2 max-pools: input sides must be multiples of 2**5
 
@@ -104,7 +108,10 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     max_failures: int = 2  # worker crashes tolerated; training resumes from the latest checkpoint
-    checkpoints_to_keep: int = 2  # latest plus best by validation pixel F1
+    checkpoints_to_keep: int = 2  # latest plus best by `best_metric`
+    # validation metric that picks OUTPUT/best and ranks Tune's trials: dsb_score (DSB2018 score,
+    # mean over IoU 0.5-0.95), f1_50 (instance F1 at IoU 0.5) or pixel_f1
+    best_metric: str = "dsb_score"
 
 
 @dataclass
@@ -184,6 +191,10 @@ def validate(config: Config) -> None:
     """Raise ValueError with the fix in the message for values no stage can use."""
     if config.train.scheduler not in SCHEDULERS:
         raise ValueError(f"train.scheduler '{config.train.scheduler}' is not one of {SCHEDULERS}")
+    if config.train.best_metric not in BEST_METRICS:
+        raise ValueError(
+            f"train.best_metric '{config.train.best_metric}' is not one of {BEST_METRICS}"
+        )
     if config.train.loss not in LOSSES:
         raise ValueError(f"train.loss '{config.train.loss}' is not one of {LOSSES}")
     if config.model.head not in HEADS:

@@ -30,11 +30,11 @@ from unet_ray.pipelines.train_loop import (
     FAIL_AT_EPOCH_ENV,
     FAIL_MARKER_ENV,
     RUN_NAME,
-    SCORE_METRIC,
     STATE_FILE,
     format_progress,
     per_worker_batch_size,
     read_history,
+    score_metric,
     train_loop_per_worker,
     training_passes,
 )
@@ -149,7 +149,7 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=max(1, config.train.checkpoints_to_keep - 1),
-                checkpoint_score_attribute=SCORE_METRIC,
+                checkpoint_score_attribute=score_metric(config.train.best_metric),
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks,
@@ -287,7 +287,7 @@ class EpochBar:
             last_look = self.stopped.wait(EPOCH_POLL_S)  # once more after training ended
             history = read_history(self.output)
             for row in history[self.done :]:
-                summary = f"val_f1 {row['val_pixel_f1']:.4f}"
+                summary = f"val_f1 {row['val_pixel_f1']:.4f} val_dsb {row['val_dsb_score']:.4f}"
                 self.progress.update(summary=summary, line=format_progress(row, self.epochs))
             self.done = max(self.done, len(history))
             if last_look:
@@ -295,7 +295,8 @@ class EpochBar:
 
 
 def collect_result(output: str, result) -> TrainResult:
-    """The run's best metrics (OUTPUT/best, written by rank 0 whenever validation F1 improved) and
+    """The run's best metrics (OUTPUT/best, written by rank 0 whenever ``train.best_metric``
+    improved) and
     its epoch history (from the latest checkpoint)."""
     best_uri = io.join_uri(output, BEST_DIR)
     best_info = json.loads(io.read_bytes(io.join_uri(best_uri, CONFIG_FILE)))

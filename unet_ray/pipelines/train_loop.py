@@ -42,8 +42,9 @@ BEST_DIR = "best"
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
 TENSORBOARD_DIR = "tensorboard"
-SCORE_METRIC = "val_pixel_f1"
-BEST_SCORE_METRIC = "best_val_pixel_f1"  # running maximum: what Tune's ASHA compares trials on
+# running maximum of the epoch's `train.best_metric` (val_<metric>): what Tune's ASHA and Optuna
+# compare trials on, the same name whichever metric the run selects by
+BEST_SCORE_METRIC = "best_val_score"
 VAL_IMAGES_CSV = "val_images.csv"  # per-image validation scores of the latest epoch
 
 
@@ -135,7 +136,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             world_size,
         )
         train_loss = _all_reduce_mean(train_loss, world_size, device)
-        metrics, is_best = _record_epoch(state, epoch, last_lr, train_loss, summary, started)
+        metrics, is_best = _record_epoch(
+            state, epoch, last_lr, train_loss, summary, started, config.train.best_metric
+        )
         _report_epoch(
             model,
             optimizer,
@@ -161,23 +164,41 @@ def _record_epoch(
     train_loss: float,
     summary: dict[str, Any],
     started: float,
+    best_metric: str,
 ) -> tuple[dict[str, Any], bool]:
-    """The epoch's metrics row, appended to ``state``'s history with the running best; and
-    whether this epoch is the best so far."""
-    is_best = summary["pixel_f1"] > state["best_f1"]
-    state["best_f1"] = max(state["best_f1"], summary["pixel_f1"])
+    """The epoch's metrics row, appended to ``state``'s history with the running best of
+    ``best_metric``; and whether this epoch is the best so far (``is_better``)."""
+    is_best = all(is_better(summary, row, best_metric) for row in state["history"])
+    best = max(
+        [summary[best_metric], *(row[score_metric(best_metric)] for row in state["history"])]
+    )
     metrics = {
         "epoch": epoch + 1,
         "lr": last_lr,
         "train_loss": train_loss,
         **{f"val_{name}": value for name, value in summary.items() if name != "n_images"},
         "val_images": summary["n_images"],
-        BEST_SCORE_METRIC: state["best_f1"],
+        BEST_SCORE_METRIC: best,
         "seconds": round(time.perf_counter() - started, 2),
     }
     state["epoch"] = epoch + 1
     state["history"].append(metrics)
     return metrics, is_best
+
+
+def score_metric(best_metric: str) -> str:
+    """The metrics-row key of a ``train.best_metric``: ``val_dsb_score`` etc."""
+    return f"val_{best_metric}"
+
+
+def is_better(summary: dict[str, Any], row: dict[str, Any], best_metric: str) -> bool:
+    """Whether an epoch's validation ``summary`` beats an earlier epoch's metrics ``row``: a
+    higher ``best_metric``; on a tie (a young model's DSB score is 0.0 for several epochs), a
+    higher pixel F1. Computed from the history, so a run resumed with another --best-metric
+    compares by the new one."""
+    ours = (summary[best_metric], summary["pixel_f1"])
+    theirs = (row[score_metric(best_metric)], row["val_pixel_f1"])
+    return ours > theirs
 
 
 def _build_or_resume(config: Config, device: torch.device):
@@ -200,7 +221,6 @@ def _build_or_resume(config: Config, device: torch.device):
     state = {
         "epoch": 0,
         "history": [],
-        "best_f1": -1.0,
         "run_starts": [],
         "digests": {},
         "resumes": [],
@@ -514,7 +534,8 @@ def format_progress(metrics: dict[str, Any], epochs: int) -> str:
         f"[unet_ray] epoch {metrics['epoch']}/{epochs}  lr {metrics['lr']:.4g}  "
         f"train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
         f"val_f1 {metrics['val_pixel_f1']:.4f}  val_iou {metrics['val_pixel_iou']:.4f}  "
-        f"val_dsb {metrics['val_dsb_score']:.4f}  ({metrics['seconds']:.1f} s)"
+        f"val_dsb {metrics['val_dsb_score']:.4f}  val_f1_50 {metrics['val_f1_50']:.4f}  "
+        f"({metrics['seconds']:.1f} s)"
     )
 
 

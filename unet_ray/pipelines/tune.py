@@ -1,4 +1,5 @@
-"""Hyperparameter search on Ray Tune: each trial a Ray Train run; Optuna TPE + ASHA on best val F1."""
+"""Hyperparameter search on Ray Tune: each trial a Ray Train run; Optuna TPE + ASHA on the best
+validation score (``train.best_metric``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from unet_ray import io
 from unet_ray.core.config import Config
 from unet_ray.io.checkpoint import CONFIG_FILE, MODEL_FILE, record_encoder_weights
 from unet_ray.pipelines.train import build_trainer, required_cpus, resolve_training_data
-from unet_ray.pipelines.train_loop import BEST_DIR, BEST_SCORE_METRIC, SCORE_METRIC
+from unet_ray.pipelines.train_loop import BEST_DIR, BEST_SCORE_METRIC, score_metric
 from unet_ray.runtime.cluster import API_SERVER_ENV, init_ray, is_verbose, quiet_ray_logging
 
 logger = logging.getLogger(__name__)
@@ -29,11 +30,11 @@ TRIALS_CSV = "trials.csv"
 TRIALS_PNG = "trials.png"
 BEST_YAML = "best.yaml"
 TRIAL_DRIVER_CPUS = 0.01  # the trial function only starts a TorchTrainer and waits (Tune refuses 0)
-# What ASHA's rungs and Optuna compare: each trial's best validation pixel F1 so far (train.py
-# reports it every epoch). The current F1 would be unfair: the rungs fall at epochs 2, 4, 8, 16,
+# What ASHA's rungs and Optuna compare: each trial's best validation score so far, of the metric
+# train.best_metric names (train_loop reports it every epoch). The current score would be unfair: the rungs fall at epochs 2, 4, 8, 16,
 # where the cyclic schedule is at its minimum learning rate and a warm restart is not, so one
 # schedule would be culled systematically; and Optuna would learn from a trial's last epoch.
-SEARCH_METRIC = BEST_SCORE_METRIC  # "best_val_pixel_f1"
+SEARCH_METRIC = BEST_SCORE_METRIC  # "best_val_score"
 # (search-space key, config section, field)
 SEARCH_KEYS = (
     ("scheduler", "train", "scheduler"),
@@ -48,7 +49,7 @@ SEARCH_KEYS = (
 @dataclass
 class TuneSummary:
     output: str
-    rows: list[dict[str, Any]]  # one per trial, best validation F1 first
+    rows: list[dict[str, Any]]  # one per trial, best validation score first
     table: str  # the same as a markdown table
     best_config: Config
 
@@ -166,7 +167,7 @@ def build_asha(config: Config):
 
 
 def build_search_algorithm(config: Config):
-    """Optuna's TPE sampler, seeded, told each finished trial's best validation F1."""
+    """Optuna's TPE sampler, seeded, told each finished trial's best validation score."""
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(metric=SEARCH_METRIC, mode="max", seed=config.tune.seed)
@@ -263,27 +264,27 @@ def run_tuning(config: Config) -> TuneSummary:
     io.make_dirs(config.train.output)
     prepared = resolve_training_data(config)
     results = build_tuner(config, prepared).fit()
-    rows = summarise_trials(results, config.tune.max_epochs)
-    if not rows or rows[0]["best_val_pixel_f1"] is None:
+    rows = summarise_trials(results, config.tune.max_epochs, config.train.best_metric)
+    if not rows or rows[0]["best_val_score"] is None:
         raise RuntimeError(f"no trial of the search in {config.train.output} reported a result")
     return write_tune_outputs(config, prepared, rows, results)
 
 
-def summarise_trials(results, max_epochs: int) -> list[dict[str, Any]]:
-    """One row per trial (sampled values, best and last validation F1, epochs), best first."""
-    rows = []
+def summarise_trials(results, max_epochs: int, best_metric: str) -> list[dict[str, Any]]:
+    """One row per trial (sampled values, best and last validation score of ``best_metric``,
+    epochs), best first."""
+    rows, key = [], score_metric(best_metric)
     for result in results:
         history = result.metrics_dataframe
-        scores = (
-            [] if history is None or SCORE_METRIC not in history else list(history[SCORE_METRIC])
-        )
+        scores = [] if history is None or key not in history else list(history[key])
         sampled = result.config["sampled"]
         rows.append(
             {
                 "trial_id": _trial_id(result),
                 **{key: sampled.get(key) for key, _, _ in SEARCH_KEYS if key in sampled},
-                "best_val_pixel_f1": max(scores) if scores else None,
-                "last_val_pixel_f1": scores[-1] if scores else None,
+                "best_metric": best_metric,
+                "best_val_score": max(scores) if scores else None,
+                "last_val_score": scores[-1] if scores else None,
                 "epochs": len(scores),
                 "stopped_early": bool(scores) and len(scores) < max_epochs and result.error is None,
                 "error": "" if result.error is None else error_message(result.error),
@@ -291,7 +292,7 @@ def summarise_trials(results, max_epochs: int) -> list[dict[str, Any]]:
             }
         )
     rows.sort(
-        key=lambda row: -1.0 if row["best_val_pixel_f1"] is None else row["best_val_pixel_f1"],
+        key=lambda row: -1.0 if row["best_val_score"] is None else row["best_val_score"],
         reverse=True,
     )
     return rows
@@ -336,8 +337,9 @@ TABLE_COLUMNS = (
     "scheduler",
     "max_lr",
     "batch_size",
-    "best_val_pixel_f1",
-    "last_val_pixel_f1",
+    "best_metric",
+    "best_val_score",
+    "last_val_score",
     "epochs",
     "stopped_early",
 )
@@ -371,7 +373,7 @@ def _format_cell(value) -> str:
 
 
 def plot_trials(rows) -> bytes:
-    """Each trial's validation F1 against epochs, as PNG bytes."""
+    """Each trial's validation score (its ``best_metric``) against epochs, as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -383,7 +385,7 @@ def plot_trials(rows) -> bytes:
             label = f"{row['trial_id']}: {row.get('scheduler')}, lr {row.get('max_lr', math.nan):.3g}, bs {row.get('batch_size')}"
             axes.plot(range(1, len(row["curve"]) + 1), row["curve"], "o-", label=label)
     axes.set_xlabel("epoch")
-    axes.set_ylabel("validation pixel F1")
+    axes.set_ylabel(f"validation {rows[0]['best_metric']}" if rows else "validation score")
     axes.set_ylim(0, 1)
     axes.legend(fontsize=7)
     figure.tight_layout()
