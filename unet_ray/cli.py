@@ -80,12 +80,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     parser.add_argument("--max-failures", type=int, help="worker failures survived by resuming")
     parser.add_argument(
-        "--best-metric",
-        choices=BEST_METRICS,
-        help="validation metric that picks OUTPUT/best and ranks Tune's trials (default "
-        "dsb_score: the DSB2018 score, mean over IoU 0.5-0.95; f1_50: instance F1 at IoU 0.5)",
-    )
-    parser.add_argument(
         "--encoder-weights",
         metavar="imagenet|none|PATH",
         help="imagenet (default: torchvision's ImageNet weights from torch's hub cache, "
@@ -122,7 +116,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--contour-weight", type=float, help="mask+contour: weight of the contour loss (1.0)"
     )
+    add_selection_arguments(parser)
     add_instance_arguments(parser)
+
+
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a run picks its best checkpoint and its instance settings."""
+    parser.add_argument(
+        "--no-instance-search",
+        dest="search_instances",
+        action="store_false",
+        default=None,
+        help="skip the search of the instance settings on the validation images after training "
+        "(default: search them and store them in OUTPUT/best)",
+    )
+    parser.add_argument(
+        "--best-metric",
+        choices=BEST_METRICS,
+        help="validation metric that picks OUTPUT/best and ranks Tune's trials (default "
+        "dsb_score: the DSB2018 score, mean over IoU 0.5-0.95; f1_50: instance F1 at IoU 0.5)",
+    )
 
 
 def add_instance_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,6 +163,17 @@ def add_instance_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         default=None,
         help="keep background enclosed by one nucleus as background",
+    )
+
+
+def add_tta_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="test-time augmentation: average the logits over the 8 flips and quarter turns of "
+        "each tile (8x the inference work; default: the checkpoint's segment.tta, on when its "
+        "instance settings were searched with TTA)",
     )
 
 
@@ -200,6 +224,7 @@ _TRAIN_OVERRIDES = (
     ("gpu", "train", "use_gpu"),
     ("max_failures", "train", "max_failures"),
     ("best_metric", "train", "best_metric"),
+    ("search_instances", "train", "search_instances"),
     ("encoder_weights", "model", "encoder_weights"),
     ("encoder_lr_scale", "train", "encoder_lr_scale"),
     ("warmup_epochs", "train", "warmup_epochs"),
@@ -317,15 +342,16 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="redo images whose outputs are complete"
     )
+    add_tta_argument(parser)
     add_instance_arguments(parser)
     add_slide_arguments(parser)
 
 
 def configs_from_args(
-    args: argparse.Namespace, saved: InstanceConfig
+    args: argparse.Namespace, saved: Config
 ) -> tuple[SegmentConfig, InstanceConfig]:
-    """Validated segment config from parsed flags, and the instance config: the checkpoint's
-    (``saved``) with the instance flags given applied."""
+    """Validated segment config from parsed flags (TTA: the checkpoint's unless --tta/--no-tta),
+    and the instance config: the checkpoint's (``saved``) with the instance flags given applied."""
     config = Config.from_dict(
         {
             "segment": {
@@ -333,13 +359,14 @@ def configs_from_args(
                 "overlap": args.overlap,
                 "scheme": args.scheme,
                 "batch_size": args.batch_size,
+                "tta": saved.segment.tta if args.tta is None else args.tta,
                 "workers": args.workers,
                 "use_gpu": bool(args.gpu),
                 "overwrite": bool(args.overwrite),
             },
         }
     )
-    return config.segment, instance_config_from_args(args, saved)
+    return config.segment, instance_config_from_args(args, saved.instances)
 
 
 def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
@@ -412,7 +439,10 @@ def command_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     result = run_training(config)
-    print(json.dumps({"best_checkpoint": result.best_checkpoint, **result.metrics}, indent=2))
+    summary = {"best_checkpoint": result.best_checkpoint, **result.metrics}
+    if result.threshold_search:
+        summary["threshold_search"] = result.threshold_search
+    print(json.dumps(summary, indent=2))
     print(f"outputs in {result.output}: metrics.csv, curves.png, tensorboard/, best/")
     return EXIT_OK
 
@@ -435,8 +465,33 @@ def command_evaluate(args: argparse.Namespace) -> int:
         absolute_path(args.data),
         split=args.split,
         overrides=lambda saved: instance_config_from_args(args, saved),
+        tta=args.tta,
     )
     print(json.dumps(metrics, indent=2))
+    return EXIT_OK
+
+
+def command_thresholds(args: argparse.Namespace) -> int:
+    from unet_ray.inference import select_device
+    from unet_ray.io.prepared import is_prepared
+    from unet_ray.pipelines.thresholds import describe_search, search_checkpoint
+
+    checkpoint, data = absolute_path(args.checkpoint), absolute_path(args.data)
+    output = absolute_path(args.output) or checkpoint.rstrip("/") + THRESHOLDS_SUFFIX
+    if output.rstrip("/") == checkpoint.rstrip("/"):
+        raise ValueError(f"--output {output} is the checkpoint itself: name a new folder")
+    split = args.split or ("val" if is_prepared(data) else "all")
+    record = search_checkpoint(
+        checkpoint,
+        data,
+        output=output,
+        split=split,
+        device=select_device(bool(args.gpu)),
+        tta=args.tta,
+        metric=args.metric,
+    )
+    print(json.dumps({"checkpoint": output, **record}, indent=2))
+    print(describe_search(record), file=sys.stderr)
     return EXIT_OK
 
 
@@ -457,9 +512,13 @@ def segment_main(args: argparse.Namespace) -> int:
     # Ray's actors run in another working directory: local paths are the user's, made absolute
     for name in ("checkpoint", "input", "output"):
         setattr(args, name, absolute_path(getattr(args, name)))
-    saved = Config.from_dict(read_checkpoint_info(args.checkpoint).get("config", {})).instances
+    saved = Config.from_dict(read_checkpoint_info(args.checkpoint).get("config", {}))
     segment, instances = configs_from_args(args, saved)
-    print("instances: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(instances).items()))
+    print(
+        "instances: "
+        + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(instances).items())
+        + f"; tta={segment.tta}"
+    )
     io.check_writable(args.output)
     init_ray()
     summary = run_segmentation(
@@ -479,6 +538,39 @@ def segment_main(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+
+THRESHOLDS_SUFFIX = "-thresholds"  # `unet-ray thresholds` writes CHECKPOINT-thresholds by default
+
+
+def add_thresholds_parser(commands) -> None:
+    thresholds = commands.add_parser(
+        "thresholds",
+        help="search the instance settings on annotated images; write a new checkpoint folder",
+        description="Predict each annotated image once with the checkpoint's model, search "
+        "threshold, the head's splitting parameter (core ratio or contour threshold) and minimum "
+        "size for the highest --metric, and write a checkpoint folder with the chosen values "
+        "(the weights copied unchanged). `evaluate` and `segment` use them.",
+    )
+    thresholds.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder")
+    thresholds.add_argument("data", metavar="DATA", help="DSB2018 layout or prepared shards")
+    thresholds.add_argument(
+        "--output",
+        help=f"new checkpoint folder (default: CHECKPOINT{THRESHOLDS_SUFFIX} beside it)",
+    )
+    thresholds.add_argument(
+        "--split",
+        choices=EVALUATE_SPLITS,
+        help="images to search on (default: all images of a DSB2018 layout; the validation "
+        "images of prepared shards)",
+    )
+    thresholds.add_argument(
+        "--metric",
+        choices=BEST_METRICS,
+        help="metric to maximise (default: the checkpoint's train.best_metric, dsb_score)",
+    )
+    thresholds.add_argument("--gpu", action="store_true", help="predict on the GPU")
+    add_tta_argument(thresholds)
+    thresholds.set_defaults(handler=command_thresholds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -531,8 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="images to score: val (default: the checkpoint's validation images), train, or "
         "all images of a raw DSB2018 layout",
     )
+    add_tta_argument(evaluate)
     add_instance_arguments(evaluate)
     evaluate.set_defaults(handler=command_evaluate)
+
+    add_thresholds_parser(commands)
 
     segment = commands.add_parser("segment", help="segment an image collection on Ray Data")
     add_segment_arguments(segment)

@@ -23,13 +23,14 @@ on 99.6 % (0.63 and 0.69).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from unet_ray.core.config import InstanceConfig, SegmentConfig
+from unet_ray.core.config import HEAD_MASK, HEAD_MASK_CONTOUR, InstanceConfig, SegmentConfig
 from unet_ray.core.instances import contour_target, instance_labels
 from unet_ray.core.metrics import (
     dsb_image_score,
@@ -59,14 +60,14 @@ def select_device(use_gpu: bool) -> str:
 
 
 def make_batch_predictor(
-    model, device: str, channels_last: bool = True
+    model, device: str, channels_last: bool = True, tta: bool = False
 ) -> Callable[[np.ndarray], np.ndarray]:
     """A function from uint8 windows (N x h x w x 3) to float32 logits (N x C x h x w, one
     channel per output of the model's head).
 
     On a GPU the batch runs under bfloat16 autocast, channels-last unless ``channels_last`` is
     False (validation during training leaves the memory format of the trained model alone); on
-    the CPU in float32.
+    the CPU in float32. ``tta``: test-time augmentation (``dihedral_average``), 8 passes.
     """
     import torch
 
@@ -89,7 +90,48 @@ def make_batch_predictor(
                 logits = model(batch)
         return logits.float().cpu().numpy()
 
-    return predict_batch
+    return dihedral_average(predict_batch) if tta else predict_batch
+
+
+DIHEDRAL_TRANSFORMS = 8  # the square's symmetries: 4 rotations by 90 degrees, each also mirrored
+
+
+def dihedral(array: np.ndarray, transform: int, axes: tuple[int, int]) -> np.ndarray:
+    """``array`` under symmetry ``transform`` (0-7) of the square, in the plane of ``axes``:
+    mirrored along the second axis when ``transform`` >= 4, then rotated ``transform % 4``
+    quarter turns. Windows are N x h x w x 3 (axes 1, 2); logits N x C x h x w (axes 2, 3)."""
+    if transform >= DIHEDRAL_TRANSFORMS // 2:
+        array = np.flip(array, axis=axes[1])
+    return np.rot90(array, transform % 4, axes=axes)
+
+
+def undo_dihedral(array: np.ndarray, transform: int, axes: tuple[int, int]) -> np.ndarray:
+    """The inverse of ``dihedral``: rotate back, then undo the mirror."""
+    array = np.rot90(array, -(transform % 4), axes=axes)
+    if transform >= DIHEDRAL_TRANSFORMS // 2:
+        array = np.flip(array, axis=axes[1])
+    return array
+
+
+def dihedral_average(
+    predict_batch: Callable[[np.ndarray], np.ndarray],
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Test-time augmentation: a batch predictor whose logits are the mean, over the 8 flips and
+    quarter turns of each window, of ``predict_batch``'s logits mapped back (as cellpose's
+    ``augment`` and many DSB2018 solutions do). It wraps the batch predictor, so tiling and
+    stitching stay those of ``predict_logits``, and costs 8 forward passes per window. A
+    non-square window turns into its transpose, which the network takes as well."""
+
+    def predict_augmented(windows: np.ndarray) -> np.ndarray:
+        total = None
+        for transform in range(DIHEDRAL_TRANSFORMS):
+            view = np.ascontiguousarray(dihedral(windows, transform, (1, 2)))
+            logits = undo_dihedral(predict_batch(view), transform, (2, 3))
+            total = logits.astype(np.float32, copy=True) if total is None else total + logits
+        total /= DIHEDRAL_TRANSFORMS
+        return total
+
+    return predict_augmented
 
 
 def sigmoid_in_place(logits: np.ndarray) -> np.ndarray:
@@ -207,3 +249,85 @@ def image_targets(labels: np.ndarray, channels: int) -> np.ndarray:
     if channels > 1:
         targets.append(contour_target(labels))
     return np.stack(targets).astype(np.float32)
+
+
+# The instance settings the search tries (``search_instance_settings``): the probability threshold
+# and minimum size for both heads, and each head's own splitting parameter.
+SEARCH_GRID: dict[str, tuple[float, ...]] = {
+    "threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
+    "core_ratio": (0.6, 0.7, 0.8, 0.85, 0.9, 0.95),
+    "contour_threshold": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+    "min_size": (0, 8, 16, 32, 64),
+}
+SEARCHED = {
+    HEAD_MASK: ("threshold", "core_ratio", "min_size"),
+    HEAD_MASK_CONTOUR: ("threshold", "contour_threshold", "min_size"),
+}
+SEARCH_ROUNDS = 3  # coordinate ascent passes over the parameters at most
+
+
+@dataclasses.dataclass
+class SearchResult:
+    instances: InstanceConfig  # the chosen settings
+    metric: str  # what was maximised: a key of ``summarise_scores`` (dsb_score, f1_50, pixel_f1)
+    before: dict[str, Any]  # summarise_scores of the starting settings
+    after: dict[str, Any]  # summarise_scores of the chosen settings
+    evaluated: int  # settings scored
+
+    def record(self) -> dict[str, Any]:
+        """What the checkpoint keeps of the search (``config.json``'s ``threshold_search``)."""
+        keep = ("pixel_f1", "dsb_score", "f1_50", "n_images")
+        return {
+            "metric": self.metric,
+            "chosen": dataclasses.asdict(self.instances),
+            "before": {key: self.before[key] for key in keep},
+            "after": {key: self.after[key] for key in keep},
+            "settings_scored": self.evaluated,
+        }
+
+
+def search_instance_settings(
+    maps: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    start: InstanceConfig,
+    metric: str,
+    grid: dict[str, tuple[float, ...]] | None = None,
+) -> SearchResult:
+    """The instance settings that maximise ``metric`` over annotated images, from their
+    probability maps: ``maps`` holds (name, C x H x W probabilities, instance labels) of whole
+    images, predicted once (``image_probabilities``, with or without TTA); each setting is scored
+    as ``score_image`` scores validation, so the search measures what deployment will write.
+
+    Coordinate ascent from ``start`` over the parameters the head uses (``SEARCHED``): each
+    parameter in turn takes the grid value that scores best with the others held, until a pass
+    changes nothing (at most ``SEARCH_ROUNDS``). A tie keeps the current value, so the defaults
+    change only for a real gain. StarDist's ``optimize_thresholds`` does the same job for its
+    probability and NMS thresholds.
+    """
+    if not maps:
+        raise ValueError("no annotated images to search the instance settings on")
+    grid = grid or SEARCH_GRID
+    head = HEAD_MASK_CONTOUR if len(maps[0][1]) > 1 else HEAD_MASK
+    scored: dict[tuple, dict[str, Any]] = {}
+
+    def score(instances: InstanceConfig) -> dict[str, Any]:
+        key = tuple(sorted(dataclasses.asdict(instances).items()))
+        if key not in scored:
+            rows = [score_image(name, maps_, truth, instances) for name, maps_, truth in maps]
+            scored[key] = summarise_scores(rows)
+        return scored[key]
+
+    current = start
+    before = score(start)
+    for _ in range(SEARCH_ROUNDS):
+        changed = False
+        for name in SEARCHED[head]:
+            best_value, best_score = getattr(current, name), score(current)[metric]
+            for value in grid[name]:
+                candidate = dataclasses.replace(current, **{name: type(best_value)(value)})
+                if score(candidate)[metric] > best_score:
+                    best_value, best_score = getattr(candidate, name), score(candidate)[metric]
+            if best_value != getattr(current, name):
+                current, changed = dataclasses.replace(current, **{name: best_value}), True
+        if not changed:
+            break
+    return SearchResult(current, metric, before, score(current), len(scored))

@@ -112,6 +112,9 @@ class TrainConfig:
     # validation metric that picks OUTPUT/best and ranks Tune's trials: dsb_score (DSB2018 score,
     # mean over IoU 0.5-0.95), f1_50 (instance F1 at IoU 0.5) or pixel_f1
     best_metric: str = "dsb_score"
+    # after training: search the instance settings on the validation images (by best_metric)
+    # and store them in OUTPUT/best (`unet-ray thresholds` does it on other annotated images)
+    search_instances: bool = True
 
 
 @dataclass
@@ -137,6 +140,9 @@ class SegmentConfig:
     overlap: int = 32  # context margin on each side of a tile's kept core (pixels)
     scheme: str = "default"  # default | reference (128-px cores reflect-padded to 256)
     batch_size: int = 8  # tiles per inference batch
+    # test-time augmentation: logits averaged over the 8 flips and quarter turns of each tile
+    # (8x the inference work)
+    tta: bool = False
     workers: int = 1  # inference actors (one model each)
     use_gpu: bool = False
     overwrite: bool = False  # redo images whose outputs are complete

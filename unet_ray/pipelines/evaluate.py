@@ -70,10 +70,12 @@ def evaluate_checkpoint(
     split: str = "val",
     device: str = "cpu",
     overrides: Callable[[InstanceConfig], InstanceConfig] | None = None,
+    tta: bool | None = None,
 ) -> dict[str, Any]:
     """Scores of a checkpoint on the images of ``split`` (see ``iterate_samples``), each image
     segmented whole as `unet-ray segment` does, with the checkpoint's instance settings
-    (``overrides`` may change them: the CLI's flags).
+    (``overrides`` may change them: the CLI's flags) and test-time augmentation as its
+    ``segment.tta`` says unless ``tta`` is given.
 
     Returns ``summarise_scores`` plus ``split``, ``checkpoint``, ``data`` and ``per_image`` (one
     row per image: its id, pixel F1, DSB2018 score, instance F1 at IoU 0.5, nuclei counts).
@@ -81,10 +83,11 @@ def evaluate_checkpoint(
     model, info = load_model(checkpoint, device=device)
     config = Config.from_dict(info.get("config", {}))
     instances = overrides(config.instances) if overrides else config.instances
-    predict_batch = make_batch_predictor(model, str(device))
+    segment = config.segment if tta is None else dataclasses.replace(config.segment, tta=tta)
+    predict_batch = make_batch_predictor(model, str(device), tta=segment.tta)
     rows = []
     for name, image, truth in iterate_samples(data, split, info.get("samples")):
-        probabilities = image_probabilities(image, predict_batch, config.segment)
+        probabilities = image_probabilities(image, predict_batch, segment)
         rows.append(score_image(name, probabilities, truth, instances))
     if not rows:
         raise ValueError(f"no images to evaluate in {data}")
@@ -93,6 +96,7 @@ def evaluate_checkpoint(
         "split": split,
         "head": config.model.head,
         "instances": dataclasses.asdict(instances),
+        "tta": segment.tta,
         "checkpoint": checkpoint,
         "data": data,
         "per_image": [

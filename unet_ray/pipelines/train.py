@@ -25,6 +25,7 @@ from unet_ray.io.dsb import list_dsb_samples
 from unet_ray.io.prepared import TRAIN_SPLIT, VAL_SPLIT, read_dataset_info
 from unet_ray.io.synth import write_synthetic_dataset
 from unet_ray.pipelines.data import build_training_datasets, ensure_prepared, tile_copies
+from unet_ray.pipelines.thresholds import describe_search, search_checkpoint_task
 from unet_ray.pipelines.train_loop import (
     BEST_DIR,
     FAIL_AT_EPOCH_ENV,
@@ -57,6 +58,9 @@ class TrainResult:
     # the latest checkpoint's training state: "digests" (epoch -> weights digest saved) and
     # "resumes" (epoch and digest of the weights each restart restored)
     state: dict[str, Any]
+    # the instance-settings search on the validation images, as stored in OUTPUT/best
+    # (``pipelines.thresholds``); None with train.search_instances off
+    threshold_search: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -259,7 +263,17 @@ def run_training(config: Config, fault_injection: dict[str, Any] | None = None) 
         result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
-    return collect_result(config.train.output, result)
+    collected = collect_result(config.train.output, result)
+    if config.train.search_instances:
+        collected.threshold_search = search_checkpoint_task(
+            collected.best_checkpoint,
+            prepared,
+            config.train.use_gpu,
+            config.train.workers * config.train.cpus_per_worker,
+            metric=config.train.best_metric,
+        )
+        logger.info(describe_search(collected.threshold_search))
+    return collected
 
 
 class EpochBar:

@@ -18,6 +18,7 @@ import yaml
 from unet_ray import io
 from unet_ray.core.config import Config
 from unet_ray.io.checkpoint import CONFIG_FILE, MODEL_FILE, record_encoder_weights
+from unet_ray.pipelines.thresholds import describe_search, search_checkpoint_task
 from unet_ray.pipelines.train import build_trainer, required_cpus, resolve_training_data
 from unet_ray.pipelines.train_loop import BEST_DIR, BEST_SCORE_METRIC, score_metric
 from unet_ray.runtime.cluster import API_SERVER_ENV, init_ray, is_verbose, quiet_ray_logging
@@ -329,6 +330,15 @@ def write_tune_outputs(config: Config, prepared: str, rows, results) -> TuneSumm
         io.write_bytes_atomic(
             io.join_uri(output, BEST_DIR, name), io.read_bytes(io.join_uri(trial_best, name))
         )
+    if config.train.search_instances:  # the winner's instance settings, on its validation images
+        record = search_checkpoint_task(
+            io.join_uri(output, BEST_DIR),
+            prepared,
+            config.train.use_gpu,
+            config.train.workers * config.train.cpus_per_worker,
+            metric=config.train.best_metric,
+        )
+        logger.info(describe_search(record))
     return TuneSummary(output=output, rows=rows, table=trials_table(rows), best_config=best_config)
 
 
