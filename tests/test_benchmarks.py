@@ -218,3 +218,30 @@ def test_recipe_benchmark_configs_are_valid_and_before_is_the_old_recipe(tmp_pat
         ]
     )
     assert table.splitlines()[2] == "| after | he | 4 | 40 | 10.0 | 0.9 | 0.5 | 0.7 | 4 |"
+
+
+def test_accuracy_summary_averages_styles_then_seeds():
+    accuracy = load_benchmark_module("accuracy")
+
+    def run(head, seed, dsb_by_mode):
+        scores = [
+            {"style": style, "mode": mode, "pixel_f1": 0.9, "dsb_score": dsb + offset,
+             "f1_50": 0.5, "seconds": 1.0 if mode != "searched+tta" else 8.0}
+            for mode, dsb in dsb_by_mode.items()
+            for style, offset in (("fluorescence", 0.0), ("he", 0.2))
+        ]  # fmt: skip
+        chosen = {"threshold": 0.5, "core_ratio": 0.85, "contour_threshold": 0.5, "min_size": 16}
+        return {"head": head, "seed": seed, "best_epoch": 3, "train_seconds": 1.0,
+                "searched": chosen, "scores": scores}  # fmt: skip
+
+    modes = {"default": 0.2, "searched": 0.4, "searched+tta": 0.5}
+    runs = [run("mask", 0, modes), run("mask", 1, {k: v + 0.1 for k, v in modes.items()})]
+    summary = accuracy.summarise(runs)
+    by_mode = {entry["mode"]: entry for entry in summary}
+    assert [entry["head"] for entry in summary] == ["mask"] * 3  # no contour runs: no rows
+    # seed 0: styles 0.2 and 0.4 -> 0.3; seed 1: 0.4; mean 0.35, spread sd(0.3, 0.4)
+    assert by_mode["default"]["dsb_score"] == pytest.approx(0.35)
+    assert by_mode["default"]["dsb_score_sd"] == round(statistics.stdev([0.3, 0.4]), 4)
+    assert by_mode["searched+tta"]["seconds"] == 8.0
+    table = accuracy.format_tables(runs, summary)
+    assert "| mask | searched+tta | 2 | 0.900 ± 0.000 | 0.650 ± 0.071 |" in table
