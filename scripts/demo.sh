@@ -33,7 +33,8 @@ cat <<TXT
 
 Demo finished. Outputs:
   $out/train/metrics.csv     one row per epoch        $out/train/curves.png  loss and F1 curves
-  $out/train/best/           best checkpoint (model.pt + config.json, loads without Ray)
+  $out/train/best/           best checkpoint by validation DSB score (model.pt + config.json,
+                             loads without Ray; instance settings searched on the validation images)
   $out/train/tensorboard/    tensorboard --logdir $out/train/tensorboard
   $out/evaluate.json         pixel F1, IoU, DSB2018 score of the best checkpoint, per image too
   $out/train/val_images.csv  per-image validation scores of the last epoch
