@@ -195,3 +195,33 @@ def test_segment_takes_tta_from_the_checkpoint_unless_a_flag_says(layout_and_che
     plain = dataclasses.replace(saved, segment=SegmentConfig())
     args = build_parser().parse_args(["segment", "ckpt", "in", "out"])
     assert configs_from_args(args, plain)[0].tta is False
+
+
+def test_the_segment_actors_predict_with_tta_when_the_config_says(layout_and_checkpoint, tmp_path):
+    """The image and slide-region actors build their predictor from ``segment.tta`` (run here in
+    this process, as Ray Data would construct them): with TTA their maps are evaluate's TTA maps."""
+    from PIL import Image
+
+    from unet_ray.io.checkpoint import load_model
+    from unet_ray.pipelines.segment import SegmentActor
+    from unet_ray.pipelines.slide_regions import InferRegions
+
+    data, checkpoint = layout_and_checkpoint
+    image = _image(4, 64, 96)
+    path = tmp_path / "one.png"
+    Image.fromarray(image).save(path)
+    model, _ = load_model(checkpoint)
+    segment = SegmentConfig(tile=128)
+    expected = {
+        tta: image_logits(image, make_batch_predictor(model, "cpu", tta=tta), segment)
+        for tta in (False, True)
+    }
+    assert np.abs(expected[True] - expected[False]).max() > 1e-3  # TTA changes a random model
+    for tta in (False, True):
+        config = dataclasses.asdict(dataclasses.replace(segment, tta=tta))
+        for actor in (SegmentActor(checkpoint, config), InferRegions(checkpoint, config)):
+            logits = actor.predict_batch(image[None])
+            np.testing.assert_allclose(logits[0], expected[tta], atol=1e-4)
+        row = SegmentActor(checkpoint, config).infer_one(str(path))
+        probabilities = 1 / (1 + np.exp(-expected[tta]))
+        np.testing.assert_allclose(row["probabilities"], probabilities, atol=2e-3)  # float16

@@ -100,7 +100,7 @@ class SegmentActor:
         if self.device == "cpu":
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         model, _ = load_model(checkpoint, device=self.device)
-        self.predict_batch = make_batch_predictor(model, self.device)
+        self.predict_batch = make_batch_predictor(model, self.device, tta=self.segment.tta)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         return columns_of([self.infer_one(str(uri)) for uri in batch["input"]])

@@ -214,7 +214,7 @@ class InferRegions:
         from unet_ray.io.checkpoint import load_model
 
         model, _ = load_model(checkpoint, device=self.device)
-        self.predict_batch = make_batch_predictor(model, self.device)
+        self.predict_batch = make_batch_predictor(model, self.device, tta=self.segment.tta)
         self.readers: dict[str, SlideReader] = {}
         self.actor = process_name()
 
