@@ -7,15 +7,31 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= demo_output
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test drills lint lock venv clean benchmark
+.PHONY: demo test drills lint lock venv wheelhouse clean benchmark
+
+# Install knobs (scripts/install.py; README "Ray clusters"), for `make venv` and `make wheelhouse`:
+#   WHEELHOUSE=DIR   `make venv` installs from that folder only (no index); `make wheelhouse`
+#                    downloads into it (default wheelhouse/)
+#   SYSTEM_TORCH=1   use the torch and torchvision that $(PYTHON) already has (a CUDA image's);
+#                    torch, torchvision, triton and the nvidia-*/cuda-* wheels are left out
+#   PY=3.12 PLATFORM=manylinux_2_28_x86_64   the target of `make wheelhouse`
+# They act when the venv is made or updated: after `make clean` on a host that has a venv.
+WHEELHOUSE ?=
+SYSTEM_TORCH ?=
+PY ?= 3.11
+PLATFORM ?= manylinux_2_28_x86_64
+TORCH_FLAG := $(if $(filter-out 0 no false,$(SYSTEM_TORCH)),--system-torch)
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip -c constraints.txt
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PYTHON) scripts/install.py venv --venv $(VENV) $(if $(WHEELHOUSE),--wheelhouse $(WHEELHOUSE)) $(TORCH_FLAG)
 	touch $(STAMP)
+
+# Every wheel `make venv` needs, with the project's own, for Python $(PY) on $(PLATFORM), from the
+# index into $(WHEELHOUSE) (about 3 GB with torch's CUDA wheels, far less with SYSTEM_TORCH=1).
+wheelhouse:
+	$(PYTHON) scripts/install.py wheelhouse --dest $(or $(WHEELHOUSE),wheelhouse) --python-version $(PY) --platform $(PLATFORM) $(TORCH_FLAG)
 
 # Two pytest sessions, each with one Ray: the suite (one local Ray for all its tests), then the
 # node-loss tests (their own multi-node cluster; tests/conftest.py leaves them out of the first).
@@ -50,8 +66,8 @@ lock:
 # Style, then the package's shape: import-linter's contracts in pyproject.toml (layers, Ray only
 # from the runtime up, a storage-free core, no import cycle).
 lint: $(STAMP)
-	$(BIN)/ruff check unet_ray tests jobs benchmarks
-	$(BIN)/ruff format --check unet_ray tests jobs benchmarks
+	$(BIN)/ruff check unet_ray tests jobs benchmarks scripts
+	$(BIN)/ruff format --check unet_ray tests jobs benchmarks scripts
 	$(BIN)/lint-imports
 
 demo: $(STAMP)
