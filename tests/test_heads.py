@@ -24,7 +24,7 @@ SAVED_INSTANCES = {"threshold": 0.45, "min_size": 9, "core_ratio": 0.8}
 
 @pytest.fixture(scope="module")
 def contour_run(training_prepared, tmp_path_factory):
-    """Two epochs of the two-channel head, with non-default instance settings."""
+    """Two epochs of the two-channel head, with non-default instance settings kept as given."""
     prepared = training_prepared
     output = tmp_path_factory.mktemp("contour_run")
     config = Config.from_dict(
@@ -41,6 +41,9 @@ def contour_run(training_prepared, tmp_path_factory):
                 "warmup_epochs": 0,
                 "min_steps_per_epoch": 2,
                 "contour_weight": 2.0,
+                # the settings under test are the ones given; the search (which would
+                # replace them) is tested in test_thresholds and test_train
+                "search_instances": False,
             },
             "instances": SAVED_INSTANCES,
         }

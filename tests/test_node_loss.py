@@ -148,6 +148,8 @@ def test_training_survives_losing_a_worker_node(cluster, training_root, tmp_path
     assert resumes[0]["digest"] == result.state["digests"]["1"]  # bit for bit
     with open(output / "metrics.csv") as handle:
         assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]
+    # the instance search after training ran on the one-CPU nodes (one worker's shape)
+    assert result.threshold_search["split"] == "val"
     assert (output / "best" / "model.pt").is_file()
 
 

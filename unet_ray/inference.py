@@ -324,8 +324,9 @@ def search_instance_settings(
             best_value, best_score = getattr(current, name), score(current)[metric]
             for value in grid[name]:
                 candidate = dataclasses.replace(current, **{name: type(best_value)(value)})
-                if score(candidate)[metric] > best_score:
-                    best_value, best_score = getattr(candidate, name), score(candidate)[metric]
+                candidate_score = score(candidate)[metric]
+                if candidate_score > best_score:
+                    best_value, best_score = getattr(candidate, name), candidate_score
             if best_value != getattr(current, name):
                 current, changed = dataclasses.replace(current, **{name: best_value}), True
         if not changed:

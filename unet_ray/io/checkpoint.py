@@ -77,18 +77,22 @@ def read_checkpoint_info(directory: str) -> dict[str, Any]:
         raise ValueError(f"{config_uri} is not valid JSON: {error}") from error
 
 
-def load_model(directory: str, device: str | torch.device = "cpu"):
+def load_model(
+    directory: str, device: str | torch.device = "cpu", model_bytes: bytes | None = None
+):
     """Rebuild the model of a checkpoint folder in eval mode; returns ``(model, info)``.
 
     Encoder weights come from the checkpoint itself, so no encoder file is consulted.
+    ``model_bytes``: the folder's ``model.pt`` when the caller has read it already (one read,
+    one GET on object storage).
     """
     info = read_checkpoint_info(directory)
     config = Config.from_dict(info.get("config", {}))
     model_uri = join_uri(directory, MODEL_FILE)
+    if model_bytes is None:
+        model_bytes = read_bytes(model_uri)
     try:
-        state = torch.load(
-            _bytes_io.BytesIO(read_bytes(model_uri)), map_location="cpu", weights_only=True
-        )
+        state = torch.load(_bytes_io.BytesIO(model_bytes), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt files
         raise ValueError(f"{model_uri} is not a readable PyTorch state_dict: {error}") from error
     saved = tuple(state["head.weight"].shape[:1]) if "head.weight" in state else None

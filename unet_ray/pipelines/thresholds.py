@@ -55,7 +55,7 @@ def search_checkpoint(
     very weights, data, split, TTA and metric is not searched again."""
     output = output or checkpoint
     model_bytes = io.read_bytes(io.join_uri(checkpoint, MODEL_FILE))
-    model, info = load_model(checkpoint, device=device)
+    model, info = load_model(checkpoint, device=device, model_bytes=model_bytes)
     config = Config.from_dict(info.get("config", {}))
     tta = config.segment.tta if tta is None else tta
     metric = metric or config.train.best_metric
@@ -104,7 +104,9 @@ def search_checkpoint_task(
     checkpoint: str, data: str, use_gpu: bool, threads: int, **options
 ) -> dict[str, Any]:
     """``search_checkpoint`` in a Ray task (on a GPU node when ``use_gpu``): the driver of a
-    cluster job may run where there is neither a GPU nor the CPUs for it."""
+    cluster job may run where there is neither a GPU nor the CPUs for it. The task asks for
+    one training worker's resources (``threads`` CPUs, one GPU), a shape the cluster has just
+    run: a request larger than any one node (all workers' CPUs together) would wait forever."""
     import ray
 
     def task() -> dict[str, Any]:

@@ -269,7 +269,7 @@ def run_training(config: Config, fault_injection: dict[str, Any] | None = None) 
             collected.best_checkpoint,
             prepared,
             config.train.use_gpu,
-            config.train.workers * config.train.cpus_per_worker,
+            config.train.cpus_per_worker,
             metric=config.train.best_metric,
         )
         logger.info(describe_search(collected.threshold_search))

@@ -335,7 +335,7 @@ def write_tune_outputs(config: Config, prepared: str, rows, results) -> TuneSumm
             io.join_uri(output, BEST_DIR),
             prepared,
             config.train.use_gpu,
-            config.train.workers * config.train.cpus_per_worker,
+            config.train.cpus_per_worker,
             metric=config.train.best_metric,
         )
         logger.info(describe_search(record))
