@@ -63,6 +63,9 @@ class DataConfig:
     synth_count: int = 24  # images generated when no source is given
     elastic_probability: float = 0.25  # elastic deformation is slow: applied to this fraction
     augment: bool = True  # random flips, rotations, shift-scale-rotate, colour, blur/noise
+    # microns per pixel of the training images (--mpp; None: not recorded). Saved in the
+    # checkpoint: `segment` rescales whole images to it and warns when a slide's differs
+    mpp: float | None = None
 
 
 @dataclass
@@ -132,6 +135,9 @@ class TuneConfig:
     decoder_batchnorm: list[bool] = field(default_factory=list)  # empty: fixed
     elastic_probabilities: list[float] = field(default_factory=list)  # empty: fixed
     seed: int = 0
+    # --gpu: GPUs one trial's training workers share (0.25: four one-worker trials per GPU);
+    # 0: one whole GPU per worker
+    gpus_per_trial: float = 0.0
 
 
 @dataclass
@@ -145,7 +151,11 @@ class SegmentConfig:
     tta: bool = False
     workers: int = 1  # inference actors (one model each)
     use_gpu: bool = False
+    actors_per_gpu: int = 1  # --gpu: inference actors sharing one GPU (each holds 1/N of it)
     overwrite: bool = False  # redo images whose outputs are complete
+    # whole images: their microns per pixel (`segment --mpp`), over what a TIFF's resolution tags
+    # say; None: the tags'. Images with a known pixel size are rescaled to the model's data.mpp
+    image_mpp: float | None = None
 
 
 @dataclass
@@ -220,6 +230,12 @@ def validate(config: Config) -> None:
             raise ValueError(
                 f"{name}={side} must be a positive multiple of {SIZE_MULTIPLE}; try {nearest}"
             )
+    for name, mpp in (
+        ("data.mpp", config.data.mpp),
+        ("segment.image_mpp", config.segment.image_mpp),
+    ):
+        if mpp is not None and not (isinstance(mpp, int | float) and mpp > 0):
+            raise ValueError(f"{name}={mpp!r} must be a positive number of microns per pixel")
     if not 0.0 <= config.data.val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={config.data.val_fraction} must be in [0, 1)")
     if config.train.workers < 1 or config.train.batch_size < 1 or config.train.epochs < 1:
@@ -275,6 +291,17 @@ def load_config(path: str | Path | None) -> Config:
         return Config.from_dict(values)
     except (ValueError, TypeError) as error:
         raise ValueError(f"config file {path}: {error}") from error
+
+
+def read_config_overrides(path: str | Path | None, sections: tuple[str, ...]) -> dict[str, dict]:
+    """The keys a YAML config file sets in ``sections``, as written (validated whole by
+    ``load_config``): what `segment --config` and `evaluate --config` lay over the checkpoint's
+    values, leaving every key the file does not name to the checkpoint."""
+    if path is None:
+        return {section: {} for section in sections}
+    load_config(path)  # a missing file, bad YAML, an unknown key or a bad value: told here
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    return {section: dict(values.get(section) or {}) for section in sections}
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -17,22 +17,40 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 
+from unet_ray import __version__
 from unet_ray.core.config import (
     ENCODER_IMAGENET,
     ENCODER_NONE,
     HEAD_CHANNELS,
     HEAD_MASK,
+    SIZE_MULTIPLE,
     Config,
     ModelConfig,
 )
 from unet_ray.core.model import UNetVGG16BN, freeze_encoder
 from unet_ray.io.files import exists, join_uri, make_dirs, read_bytes, write_bytes_atomic
+from unet_ray.io.images import NORMALISE_HIGH_PERCENTILE, NORMALISE_LOW_PERCENTILE
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 FORMAT = "unet_ray.checkpoint/1"
+# what the network takes, recorded in every checkpoint (config.json "input") for tools that run
+# it outside unet_ray (`unet-ray export` writes the same into its packages)
+INPUT_CONTRACT = {
+    "channels": "RGB",  # grayscale repeated into three channels, alpha dropped
+    "dtype": "uint8",  # 0-255; the network sees value / 255 (ImageNet mean/std inside the model)
+    "axes": "yxc",
+    "side_multiple": SIZE_MULTIPLE,  # both sides, at any size (tiles of segment.tile)
+    # >8-bit and float images: the 1st-99.8th percentile of all values (joint over channels)
+    # mapped to 0-255, rounded, clipped (unet_ray.io.images); 8-bit images as they are
+    "scaling_above_8_bit": {
+        "low_percentile": NORMALISE_LOW_PERCENTILE,
+        "high_percentile": NORMALISE_HIGH_PERCENTILE,
+        "clip": True,
+    },
+}
 
 
 def save_checkpoint(
@@ -56,7 +74,14 @@ def save_checkpoint(
     buffer = _bytes_io.BytesIO()
     torch.save(model.state_dict(), buffer)
     write_bytes_atomic(join_uri(directory, MODEL_FILE), buffer.getvalue())
-    info = {"format": FORMAT, "config": config, "metrics": metrics}
+    info = {
+        "format": FORMAT,
+        "unet_ray_version": __version__,
+        # with the training images' microns per pixel (None when not recorded)
+        "input": {**INPUT_CONTRACT, "mpp": (config.get("data") or {}).get("mpp")},
+        "config": config,
+        "metrics": metrics,
+    }
     if samples:
         info["samples"] = samples
     write_bytes_atomic(

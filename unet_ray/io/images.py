@@ -24,6 +24,7 @@ rescaled), for measurements such as the per-nucleus mean intensities of ``unet-r
 from __future__ import annotations
 
 import io as bytes_io
+import re
 
 import numpy as np
 
@@ -80,6 +81,67 @@ def read_image(uri: str) -> np.ndarray:
 def read_image_with_original(uri: str) -> tuple[np.ndarray, np.ndarray]:
     """``decode_image_with_original`` of one file: (RGB uint8, the image in its own units)."""
     return decode_image_with_original(read_bytes(uri), str(uri))
+
+
+def read_image_with_pixel_size(uri: str) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """``read_image_with_original`` and the microns per pixel the file states (one read)."""
+    data = read_bytes(uri)
+    rgb, original = decode_image_with_original(data, str(uri))
+    return rgb, original, decode_pixel_size(data)
+
+
+MICRONS_PER_UNIT = {2: 25_400.0, 3: 10_000.0}  # TIFF ResolutionUnit: 2 inch, 3 centimetre
+IMAGEJ_MICRON_UNITS = ("micron", "microns", "um", "\u00b5m", "µm")  # ImageJ's unit=...
+# microns per pixel a microscope image can have: a resolution outside (72 dpi is 353 um/px) is
+# a writer's default, not the image's, and is ignored
+PLAUSIBLE_MPP = (0.01, 100.0)
+OME_PHYSICAL_SIZE_X = re.compile(r'PhysicalSizeX="([0-9.eE+-]+)"')
+OME_PHYSICAL_UNIT_X = re.compile(r'PhysicalSizeXUnit="([^"]+)"')
+
+
+def decode_pixel_size(data: bytes) -> float | None:
+    """Microns per pixel a TIFF states on its first page: OME-XML ``PhysicalSizeX`` (in µm),
+    ``XResolution`` with ``ResolutionUnit`` inch or centimetre, or ImageJ's resolution with
+    ``unit=micron``. None for PNG/JPEG, for a TIFF that states none, or for a value outside
+    ``PLAUSIBLE_MPP`` (a writer's 72-dpi default)."""
+    if not data.startswith(TIFF_SIGNATURES):
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(bytes_io.BytesIO(data)) as tiff:
+            mpp = _ome_pixel_size(tiff.ome_metadata) or _tag_pixel_size(tiff)
+    except Exception:  # an unreadable TIFF fails where it is decoded, with its own message
+        return None
+    if mpp is None or not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+        return None
+    return mpp
+
+
+def _ome_pixel_size(ome_xml: str | None) -> float | None:
+    if not ome_xml:
+        return None
+    size = OME_PHYSICAL_SIZE_X.search(ome_xml)
+    unit = OME_PHYSICAL_UNIT_X.search(ome_xml)
+    if size is None or (unit is not None and unit.group(1) not in ("µm", "um", "micron")):
+        return None
+    return float(size.group(1))
+
+
+def _tag_pixel_size(tiff) -> float | None:
+    tags = tiff.pages.first.tags
+    resolution, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
+    if resolution is None:
+        return None
+    numerator, denominator = resolution.value
+    if not numerator or not denominator:
+        return None
+    unit_code = int(unit.value) if unit is not None else 2  # TIFF's default unit is the inch
+    microns = MICRONS_PER_UNIT.get(unit_code)
+    imagej = tiff.imagej_metadata or {}
+    if microns is None and str(imagej.get("unit", "")).lower() in IMAGEJ_MICRON_UNITS:
+        microns = 1.0  # ImageJ: pixels per micron, unit NONE
+    return None if microns is None else microns * denominator / numerator
 
 
 def decode_mask(data: bytes, name: str) -> np.ndarray:

@@ -14,7 +14,14 @@ import numpy as np
 import pyarrow as pa
 
 from unet_ray.io.dsb import DatasetError
-from unet_ray.io.files import exists, is_s3, join_uri, read_bytes, resolve_filesystem
+from unet_ray.io.files import (
+    exists,
+    is_s3,
+    join_uri,
+    read_bytes,
+    resolve_filesystem,
+    write_bytes_atomic,
+)
 from unet_ray.io.images import RGB_CHANNELS
 
 DATASET_FORMAT = "unet_ray.tiles/2"  # /2: evenly spaced tiles, whole validation images
@@ -127,3 +134,25 @@ def read_dataset_info(uri: str) -> dict:
             f"{info_uri} has format {found!r}, expected {DATASET_FORMAT!r}; prepare it again"
         )
     return info
+
+
+MPP_KEY = "mpp"  # dataset.json: microns per pixel of the source images (`prepare --mpp`)
+
+
+def record_dataset_mpp(uri: str, mpp: float | None) -> None:
+    """Write the source images' microns per pixel into prepared shards' dataset.json (None
+    removes it), so that training on them records it in its checkpoints."""
+    info = read_dataset_info(uri)
+    if mpp is None:
+        info.pop(MPP_KEY, None)
+    else:
+        info[MPP_KEY] = float(mpp)
+    write_bytes_atomic(join_uri(str(uri), DATASET_INFO_FILE), json.dumps(info, indent=2).encode())
+
+
+def dataset_mpp(uri: str) -> float | None:
+    """The microns per pixel recorded in prepared shards (None: not recorded, or not shards)."""
+    if not is_prepared(uri):
+        return None
+    value = read_dataset_info(uri).get(MPP_KEY)
+    return None if value is None else float(value)

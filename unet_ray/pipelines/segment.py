@@ -32,6 +32,7 @@ import numpy as np
 
 from unet_ray import io
 from unet_ray.core.config import InstanceConfig, SegmentConfig, SlideConfig
+from unet_ray.core.resample import model_scale, probabilities_at_scale
 from unet_ray.core.tiling import check_tile_geometry
 from unet_ray.inference import (
     image_probabilities,
@@ -40,6 +41,7 @@ from unet_ray.inference import (
     select_device,
 )
 from unet_ray.io.files import is_file
+from unet_ray.io.images import read_image_with_pixel_size
 from unet_ray.io.slide_reader import SLIDE_SUFFIXES
 from unet_ray.io.writers import (
     MANIFEST_NAME,
@@ -55,7 +57,7 @@ from unet_ray.io.writers import (
     read_previous_nuclei,
     write_manifest,
 )
-from unet_ray.pipelines.slides import partition_inputs, segment_slides
+from unet_ray.pipelines.slides import partition_inputs, segment_slides, training_mpp
 from unet_ray.runtime.batch import (
     ACTOR_START_TIMEOUT_S,
     MAP_DTYPE,
@@ -99,7 +101,8 @@ class SegmentActor:
         self.device = select_device(self.segment.use_gpu)
         if self.device == "cpu":
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
-        model, _ = load_model(checkpoint, device=self.device)
+        model, info = load_model(checkpoint, device=self.device)
+        self.model_mpp = training_mpp(info)  # images of a known pixel size are rescaled to it
         self.predict_batch = make_batch_predictor(model, self.device, tta=self.segment.tta)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -109,8 +112,12 @@ class SegmentActor:
         """Read and infer one image; a failure becomes an error row (empty arrays)."""
         started = time.time()
         try:
-            image, original = io.read_image_with_original(uri)
-            probabilities = image_probabilities(image, self.predict_batch, self.segment)
+            image, original, image_mpp = read_image_with_pixel_size(uri)
+            probabilities = probabilities_at_scale(
+                image,
+                model_scale(self.segment.image_mpp or image_mpp, self.model_mpp),
+                lambda pixels: image_probabilities(pixels, self.predict_batch, self.segment),
+            )
         except Exception as error:  # one bad image must never abort the dataset
             return {**failed_row(uri, error, started), **empty_maps()}
         return {
@@ -230,15 +237,21 @@ def segment_image_file(
     predict_batch: Callable[[np.ndarray], np.ndarray],
     segment: SegmentConfig,
     instances: InstanceConfig,
+    model_mpp: float | None = None,
 ) -> int:
     """Read, tile, infer, stitch, label and write the five outputs of one image in this process
-    (the job's two stages in one); nuclei count.
+    (the job's two stages in one); nuclei count. With ``model_mpp`` (the checkpoint's data.mpp)
+    an image of a known pixel size is inferred at the model's and its maps resized back.
 
     The network sees the 8-bit rendering (``io`` normalises >8-bit images); the nuclei table's
     intensities come from the original, in the input's own units (no copy for an 8-bit image).
     """
-    image, original = io.read_image_with_original(uri)
-    probabilities = image_probabilities(image, predict_batch, segment)
+    image, original, image_mpp = read_image_with_pixel_size(uri)
+    probabilities = probabilities_at_scale(
+        image,
+        model_scale(segment.image_mpp or image_mpp, model_mpp),
+        lambda pixels: image_probabilities(pixels, predict_batch, segment),
+    )
     return finish_image(uri, output_uri, image, probabilities, instances, original)
 
 
