@@ -275,11 +275,11 @@ def test_training_batch_has_the_model_format_and_is_random():
         "width": np.array([96, 96], dtype=np.int32),
     }
     first = data.augment_batch(batch, image_size=64, augment=True, elastic_probability=0.5)
-    assert first["image"].shape == (2, 3, 64, 64) and first["image"].dtype == np.float32
-    assert first["mask"].shape == (2, 1, 64, 64) and first["mask"].dtype == np.float32
+    # uint8 to the device (issue 22): the training loop normalises there
+    assert first["image"].shape == (2, 3, 64, 64) and first["image"].dtype == np.uint8
+    assert first["mask"].shape == (2, 1, 64, 64) and first["mask"].dtype == np.uint8
     assert first["labels"].shape == (2, 64, 64) and first["labels"].dtype == np.int32
-    assert first["image"].min() >= 0.0 and first["image"].max() <= 1.0
-    np.testing.assert_array_equal(first["mask"][:, 0], (first["labels"] > 0).astype(np.float32))
+    np.testing.assert_array_equal(first["mask"][:, 0], (first["labels"] > 0).astype(np.uint8))
     second = data.augment_batch(batch, image_size=64, augment=True, elastic_probability=0.5)
     assert not np.array_equal(first["image"], second["image"])
 
@@ -479,7 +479,7 @@ def test_training_datasets_have_the_batch_format_and_new_augmentations_each_pass
     assert sum(len(batch["image"]) for batch in batches) == 2 * info["train"]["tiles"]
     batch = batches[0]
     assert tuple(batch["image"].shape[1:]) == (3, 32, 32)
-    assert str(batch["image"].dtype) == "torch.float32"
+    assert str(batch["image"].dtype) == "torch.uint8"  # normalised on the device (issue 22)
     assert tuple(batch["mask"].shape[1:]) == (1, 32, 32)
     assert str(batch["labels"].dtype) == "torch.int32"
     assert bool(((batch["labels"] > 0).float() == batch["mask"][:, 0]).all())

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,49 +50,123 @@ TILED_MAX_PROBABILITY_DIFFERENCE = 0.02  # measured bound, tiled default vs whol
 TILED_MASK_AGREEMENT = 0.995  # measured bound: fraction of equal thresholded mask pixels
 
 
-def select_device(use_gpu: bool) -> str:
-    """``cuda`` when asked for and present, else ``cpu`` (with a warning if a GPU was asked for)."""
+class GpuUnavailableError(ValueError):
+    """``--gpu`` was given where torch sees no CUDA device (a usage error: exit 2 on local Ray,
+    a failed row or a failed run on a cluster; never a silent fall-back to the CPU)."""
+
+
+def cuda_problem() -> str:
+    """Why this process cannot run on a GPU (torch has no CUDA build, or sees no device); "" when
+    it can."""
     import torch
 
-    if use_gpu and torch.cuda.is_available():
-        return "cuda"
-    if use_gpu:
-        logger.warning("a GPU was requested but torch sees none: segmenting on the CPU")
-    return "cpu"
+    if torch.cuda.is_available():
+        return ""
+    build = torch.version.cuda
+    why = (
+        f"torch {torch.__version__} was built without CUDA"
+        if not build
+        else f"torch {torch.__version__} (CUDA {build}) sees no CUDA device"
+    )
+    return f"--gpu was given but {why} on {socket.gethostname()}"
+
+
+def select_device(use_gpu: bool) -> str:
+    """``cuda`` when asked for (``--gpu``), ``cpu`` otherwise. Strict: asked for a GPU where torch
+    sees no CUDA device raises ``GpuUnavailableError`` (never a silent CPU fall-back, which is
+    ~100x slower)."""
+    if not use_gpu:
+        return "cpu"
+    problem = cuda_problem()
+    if problem:
+        raise GpuUnavailableError(
+            f"{problem}: install a CUDA build of torch (make venv SYSTEM_TORCH=1 on a CUDA "
+            "image), check nvidia-smi and CUDA_VISIBLE_DEVICES, or drop --gpu"
+        )
+    return "cuda"
+
+
+def normalise_images(images):
+    """Network input from uint8 images (a torch tensor N x 3 x H x W, on any device): float32 in
+    [0, 1]. Training and inference both normalise here, on the device the batch already sits
+    on, so a uint8 batch (a quarter of the bytes) is what crosses to the GPU."""
+    return images.float().div_(PIXEL_SCALE)
+
+
+def serialised(predict_batch: Callable[[np.ndarray], np.ndarray]) -> Callable:
+    """``predict_batch`` behind a lock: an actor that runs two calls at once (one reading and
+    tiling its image while the other's batches are on the device) runs one forward pass at a
+    time, so the device holds one batch's activations and the results are those of a serial
+    actor."""
+    lock = threading.Lock()
+
+    def predict_serially(windows: np.ndarray) -> np.ndarray:
+        with lock:
+            return predict_batch(windows)
+
+    return predict_serially
 
 
 def make_batch_predictor(
-    model, device: str, channels_last: bool = True, tta: bool = False
+    model,
+    device: str,
+    channels_last: bool = True,
+    tta: bool = False,
+    probabilities: bool = False,
+    maps_on_device: bool | None = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """A function from uint8 windows (N x h x w x 3) to float32 logits (N x C x h x w, one
-    channel per output of the model's head).
+    channel per output of the model's head), or with ``probabilities`` to float16 probabilities.
 
-    On a GPU the batch runs under bfloat16 autocast, channels-last unless ``channels_last`` is
-    False (validation during training leaves the memory format of the trained model alone); on
-    the CPU in float32. ``tta``: test-time augmentation (``dihedral_average``), 8 passes.
+    The uint8 windows go to the device and are normalised there (``normalise_images``). On a GPU
+    the batch runs under bfloat16 autocast, channels-last unless ``channels_last`` is False
+    (validation during training leaves the memory format of the trained model alone); on the
+    CPU in float32. ``tta``: test-time augmentation (``dihedral_average``), 8 passes.
+
+    ``probabilities``: on a GPU (``maps_on_device``, default: when on a GPU) the sigmoid and the
+    cast to float16 run on the device before the copy back (half the bytes of float32 logits,
+    no CPU sigmoid); on the CPU they run in numpy as ``sigmoid_in_place`` does. With TTA the
+    logits are averaged first, so the sigmoid follows on the CPU.
     """
     import torch
 
     on_gpu = device.startswith("cuda")
     channels_last = channels_last and on_gpu
+    if maps_on_device is None:
+        maps_on_device = on_gpu
     if channels_last:
         model = model.to(device, memory_format=torch.channels_last)
     model.eval()
 
-    def predict_batch(windows: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(np.ascontiguousarray(windows)).to(device)
-        batch = batch.permute(0, 3, 1, 2).float().div_(PIXEL_SCALE)
+    def forward(windows: np.ndarray):
+        batch = torch.from_numpy(np.ascontiguousarray(windows)).to(device, non_blocking=True)
+        batch = normalise_images(batch.permute(0, 3, 1, 2))
         with torch.inference_mode():
             if on_gpu:
                 if channels_last:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = model(batch)
-            else:
-                logits = model(batch)
-        return logits.float().cpu().numpy()
+                    return model(batch)
+            return model(batch)
 
-    return dihedral_average(predict_batch) if tta else predict_batch
+    def predict_batch(windows: np.ndarray) -> np.ndarray:
+        return forward(windows).float().cpu().numpy()
+
+    def predict_maps_on_device(windows: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            maps = torch.sigmoid(forward(windows).float()).half()
+        return maps.cpu().numpy()
+
+    if probabilities and maps_on_device and not tta:
+        return predict_maps_on_device
+    logits_predictor = dihedral_average(predict_batch) if tta else predict_batch
+    if not probabilities:
+        return logits_predictor
+
+    def predict_maps_on_cpu(windows: np.ndarray) -> np.ndarray:
+        return sigmoid_in_place(logits_predictor(windows)).astype(np.float16)
+
+    return predict_maps_on_cpu
 
 
 DIHEDRAL_TRANSFORMS = 8  # the square's symmetries: 4 rotations by 90 degrees, each also mirrored
@@ -179,6 +255,16 @@ def image_probabilities(
     return sigmoid_in_place(image_logits(image, predict_batch, segment))
 
 
+def image_maps(
+    image: np.ndarray, predict_maps: Callable[[np.ndarray], np.ndarray], segment: SegmentConfig
+) -> np.ndarray:
+    """Whole-image (or slide-window) probabilities from a predictor that returns probabilities
+    (``make_batch_predictor(probabilities=True)``: sigmoid and float16 on the device), tiled as
+    ``segment`` says; float32 C x H x W holding float16 values."""
+    plan = plan_image(image.shape[0], image.shape[1], segment)
+    return predict_logits(image, plan, predict_maps, segment.batch_size)
+
+
 def plan_image(height: int, width: int, segment: SegmentConfig) -> TilePlan:
     return plan_for_scheme(height, width, segment.scheme, segment.tile, segment.overlap)
 
@@ -228,16 +314,17 @@ def summarise_scores(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def validation_loss(loss_function, logits: np.ndarray, truth: np.ndarray) -> float:
+def validation_loss(loss_function, logits: np.ndarray, truth: np.ndarray, device="cpu") -> float:
     """The training loss of one whole image's C x H x W logits against the targets derived
-    from its labels as in training (``image_targets``)."""
+    from its labels as in training (``image_targets``), computed on ``device`` (validation on a
+    GPU: the loss there, not on the worker's CPU)."""
     import torch
 
     with torch.inference_mode():
         return float(
             loss_function(
-                torch.from_numpy(logits)[None],
-                torch.from_numpy(image_targets(truth, len(logits)))[None],
+                torch.from_numpy(logits)[None].to(device, non_blocking=True),
+                torch.from_numpy(image_targets(truth, len(logits)))[None].to(device),
             )
         )
 

@@ -47,7 +47,7 @@ import pyarrow as pa
 
 from unet_ray import io
 from unet_ray.core.config import SIZE_MULTIPLE, DataConfig
-from unet_ray.io.images import RGB_CHANNELS, UINT8_MAX
+from unet_ray.io.images import RGB_CHANNELS
 from unet_ray.io.prepared import (
     DATASET_FORMAT,
     DATASET_INFO_FILE,
@@ -73,7 +73,7 @@ PADDING_MODE = "symmetric"  # the report's "symmetrically padded"
 PARQUET_COMPRESSION = "zstd"
 MIN_TILES_PER_SHARD = 64  # rows per Parquet file (~30 MB raw at 256 px): parallel reads
 SAMPLES_PER_READ_TASK = 4  # raw samples read and tiled per Ray task while preparing
-AUGMENT_BATCH_SIZE = 16  # tiles per map_batches call (float32 output: ~1.3 MB per 256^2 tile)
+AUGMENT_BATCH_SIZE = 16  # tiles per map_batches call (uint8 output: ~0.26 MB per 256^2 tile)
 
 
 # Augmentation strengths (albumentations 2.x); elastic is slow, so it has its own probability.
@@ -548,17 +548,26 @@ def crop_window(
     return slice(top, top + size), slice(left, left + size)
 
 
-def to_model_batch(images: list[np.ndarray], labels: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """{"image": float32 N x 3 x S x S in [0, 1], "mask": float32 N x 1 x S x S (0/1),
-    "labels": int32 N x S x S}: the batch format of ``iter_torch_batches``."""
-    image_array = np.stack(images).astype(np.float32).transpose(0, 3, 1, 2) / UINT8_MAX
-    labels_array = np.stack(labels).astype(np.int32)
-    mask_array = (labels_array > 0).astype(np.float32)[:, None]
-    return {
+def to_model_batch(
+    images: list[np.ndarray], labels: list[np.ndarray], with_labels: bool = True
+) -> dict[str, np.ndarray]:
+    """{"image": uint8 N x 3 x S x S, "mask": uint8 N x 1 x S x S (0/1), and with
+    ``with_labels`` "labels": int32 N x S x S}: the batch format of ``iter_torch_batches``.
+
+    uint8, not float32: 0.26 instead of 1.31 MB per 256^2 sample through Ray's object store,
+    the pinned copy and the host-to-device transfer; the training loop normalises on the device
+    (``inference.normalise_images``: float32 / 255, what this function computed here before).
+    The instance labels travel only for the heads that use them (the contour target of
+    ``mask+contour``)."""
+    image_array = np.stack(images).astype(np.uint8, copy=False).transpose(0, 3, 1, 2)
+    labels_array = np.stack(labels).astype(np.int32, copy=False)
+    batch = {
         "image": np.ascontiguousarray(image_array),
-        "mask": mask_array,
-        "labels": labels_array,
+        "mask": (labels_array > 0).astype(np.uint8)[:, None],
     }
+    if with_labels:
+        batch["labels"] = labels_array
+    return batch
 
 
 def augment_batch(
@@ -567,10 +576,12 @@ def augment_batch(
     augment: bool,
     elastic_probability: float,
     copies: int = 1,
+    with_labels: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Ray Data UDF for training tiles: random crop, augmentation, model tensors; ``copies``
-    independent draws per tile (small sets: an epoch holds at least ``min_steps_per_epoch``
-    steps of augmented tiles drawn again and again from the same few).
+    """Ray Data UDF for training tiles: random crop, augmentation, model tensors
+    (``to_model_batch``; instance labels only ``with_labels``); ``copies`` independent draws per
+    tile (small sets: an epoch holds at least ``min_steps_per_epoch`` steps of augmented tiles
+    drawn again and again from the same few).
 
     Unseeded on purpose: every epoch re-runs this with new random crops and transformations.
     """
@@ -588,7 +599,7 @@ def augment_batch(
                 image, label = augment_sample(np.ascontiguousarray(image), label, transform)
             images.append(image)
             labels.append(label)
-    return to_model_batch(images, labels)
+    return to_model_batch(images, labels, with_labels)
 
 
 def tile_copies(train_tiles: int, world_size: int, batch_size: int, min_steps: int) -> int:
@@ -603,7 +614,7 @@ def tile_copies(train_tiles: int, world_size: int, batch_size: int, min_steps: i
 
 
 def build_training_datasets(
-    prepared_uri: str, data: DataConfig, passes: int = 1, copies: int = 1
+    prepared_uri: str, data: DataConfig, passes: int = 1, copies: int = 1, labels: bool = True
 ) -> dict:
     """The lazy Ray dataset {"train": ...} of augmented model batches (see ``to_model_batch``).
 
@@ -614,6 +625,8 @@ def build_training_datasets(
     (``unet_ray.pipelines.train_loop.stream_batches``), so Ray Data starts its pipeline once. Tiles are mixed by
     the consumer's shuffle buffer (``iter_torch_batches(local_shuffle_buffer_size=...)``).
     Validation reads whole images (``read_split_images``), not tiles, and is not a Ray dataset.
+    ``labels``: the batches carry the instance labels (the ``mask+contour`` head's contour
+    target needs them; the ``mask`` head does not).
     """
     info = read_dataset_info(prepared_uri)
     tile_size = int(info["tile_size"])
@@ -635,6 +648,7 @@ def build_training_datasets(
                 "augment": bool(data.augment),
                 "elastic_probability": float(data.elastic_probability),
                 "copies": int(copies),
+                "with_labels": bool(labels),
             },
             batch_size=max(1, AUGMENT_BATCH_SIZE // copies),
             batch_format="numpy",

@@ -35,10 +35,13 @@ from unet_ray.core.config import InstanceConfig, SegmentConfig, SlideConfig
 from unet_ray.core.resample import model_scale, probabilities_at_scale
 from unet_ray.core.tiling import check_tile_geometry
 from unet_ray.inference import (
+    GpuUnavailableError,
+    image_maps,
     image_probabilities,
     labels_from_maps,
     make_batch_predictor,
     select_device,
+    serialised,
 )
 from unet_ray.io.files import is_file
 from unet_ray.io.images import read_image_with_pixel_size
@@ -59,19 +62,22 @@ from unet_ray.io.writers import (
 )
 from unet_ray.pipelines.slides import partition_inputs, segment_slides, training_mpp
 from unet_ray.runtime.batch import (
-    ACTOR_START_TIMEOUT_S,
     MAP_DTYPE,
     TASKS_IN_FLIGHT_PER_ACTOR,
     UNKNOWN_NUCLEI,
+    actor_gpus,
     actor_stage,
     columns_of,
     default_cpus_per_worker,
     describe_error,
     finish_workers,
+    gpus_needed,
     job_data_context,
+    limit_worker_threads,
     one_line,
     post_task_cpus,
 )
+from unet_ray.runtime.cluster import check_gpu_request
 from unet_ray.runtime.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -88,22 +94,31 @@ EXIT_OK, EXIT_FAILED = 0, 1
 class SegmentActor:
     """Stage 1, a Ray Data actor: one model, loaded once; each call reads a batch of images and
     infers their probability maps, which travel on (float16) to ``FinishImages`` so that the
-    actor (and its GPU) goes on to the next image while CPU workers post-process and write."""
+    actor (and its GPU) goes on to the next image while CPU workers post-process and write.
+
+    Two calls run at once (``CONCURRENT_CALLS``, threads): while one image's tile batches are on
+    the device, the other call reads, decodes and tiles the next image; the forward passes take
+    turns (``inference.serialised``), so the maps are those of a serial actor. The sigmoid and
+    the cast to float16 run on the GPU before the copy back.
+
+    Strict ``--gpu``: an actor whose torch sees no CUDA device segments nothing; every image it
+    is given becomes an error row naming the reason (a cluster job; local Ray exits 2 first).
+    """
+
+    CONCURRENT_CALLS = 2  # calls at once per actor (``runtime.batch.actor_stage``)
 
     def __init__(self, checkpoint: str, segment: dict[str, Any], threads: int = 1):
-        import torch
-
-        # lazy: io.checkpoint pulls in torch (~650 MB RSS), which the post-processing workers
-        # that import this module never need
-        from unet_ray.io.checkpoint import load_model
-
         self.segment = SegmentConfig(**segment)
-        self.device = select_device(self.segment.use_gpu)
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
-        model, info = load_model(checkpoint, device=self.device)
+        self.unusable = ""
+        try:
+            select_device(self.segment.use_gpu)
+        except GpuUnavailableError as error:
+            self.unusable = str(error)
+            logger.error("inference actor %s: %s", os.getpid(), error)
+            return
+        predict_maps, info = load_predictor(checkpoint, self.segment, threads)
+        self.predict_maps = serialised(predict_maps)
         self.model_mpp = training_mpp(info)  # images of a known pixel size are rescaled to it
-        self.predict_batch = make_batch_predictor(model, self.device, tta=self.segment.tta)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         return columns_of([self.infer_one(str(uri)) for uri in batch["input"]])
@@ -112,11 +127,13 @@ class SegmentActor:
         """Read and infer one image; a failure becomes an error row (empty arrays)."""
         started = time.time()
         try:
+            if self.unusable:
+                raise GpuUnavailableError(self.unusable)
             image, original, image_mpp = read_image_with_pixel_size(uri)
             probabilities = probabilities_at_scale(
                 image,
                 model_scale(self.segment.image_mpp or image_mpp, self.model_mpp),
-                lambda pixels: image_probabilities(pixels, self.predict_batch, self.segment),
+                lambda pixels: image_maps(pixels, self.predict_maps, self.segment),
             )
         except Exception as error:  # one bad image must never abort the dataset
             return {**failed_row(uri, error, started), **empty_maps()}
@@ -130,11 +147,32 @@ class SegmentActor:
         }
 
 
+def load_predictor(
+    checkpoint: str, segment: SegmentConfig, threads: float = 1
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
+    """The inference actors' predictor and the checkpoint's info: the model on ``segment``'s
+    device (strict ``--gpu``), uint8 windows -> float16 probabilities (sigmoid and cast on the
+    device), with TTA as ``segment.tta`` says; on the CPU ``threads`` torch threads."""
+    import torch
+
+    # lazy: io.checkpoint pulls in torch (~650 MB RSS), which the post-processing workers
+    # that import this module never need
+    from unet_ray.io.checkpoint import load_model
+
+    device = select_device(segment.use_gpu)
+    if device == "cpu":  # a fractional CPU share rounds to whole threads
+        torch.set_num_threads(max(1, min(round(threads), os.cpu_count() or 1)))
+    model, info = load_model(checkpoint, device=device)
+    return make_batch_predictor(model, device, tta=segment.tta, probabilities=True), info
+
+
 class FinishImages:
     """Stage 2, Ray Data tasks on CPUs: instance labels from the maps, then the five outputs
-    written; a failure becomes an error row."""
+    written; a failure becomes an error row. One OpenCV thread per worker
+    (``limit_worker_threads``): the pool has a worker per free CPU."""
 
     def __init__(self, output_uri: str, instances: dict[str, Any]):
+        limit_worker_threads()
         self.output_uri = output_uri
         self.instances = InstanceConfig(**instances)
 
@@ -357,7 +395,7 @@ def build_dataset(
             max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR,
         ),
         num_cpus=cpus_per_worker,
-        num_gpus=1 if segment.use_gpu else 0,
+        num_gpus=actor_gpus(segment),
     )
     return actor_stage(
         inferred,
@@ -377,13 +415,6 @@ def segment_with_ray(
     cpus_per_worker: int,
 ) -> list[dict[str, Any]]:
     """Run the actor pool over ``uris``; one manifest row per URI, in completion order."""
-    import ray
-
-    if segment.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
-        logger.warning(
-            "--gpu given but the Ray cluster has no GPU now: actors wait up to %d s for one",
-            ACTOR_START_TIMEOUT_S,
-        )
     rows: list[dict[str, Any]] = []
     stopped = ""
     with job_data_context(), Progress("segment", len(uris), unit="image") as progress:
@@ -434,6 +465,13 @@ def run_segmentation(
     check_tile_geometry(segment.tile, segment.overlap)
     if segment.workers < 1 or segment.batch_size < 1:
         raise ValueError("--workers and --batch-size must be at least 1")
+    actor_gpus(segment)  # a bad --actors-per-gpu
+    check_gpu_request(
+        segment.use_gpu,
+        gpus_needed(segment),
+        f"one GPU per {segment.actors_per_gpu} inference actor(s) of {segment.workers}",
+        "lower --workers or raise --actors-per-gpu",
+    )
     io.check_writable(output_uri)
     # lazy: io.checkpoint pulls in torch (~650 MB RSS), which the post-processing workers
     # that import this module never need

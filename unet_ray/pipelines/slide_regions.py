@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,10 +29,12 @@ from unet_ray.core.regions import (
     plan_regions,
 )
 from unet_ray.inference import (
-    image_probabilities,
+    GpuUnavailableError,
+    image_maps,
     labels_from_maps,
     make_batch_predictor,
     select_device,
+    serialised,
 )
 from unet_ray.io.slide_reader import (
     SlideReader,
@@ -47,6 +50,7 @@ from unet_ray.runtime.batch import (
     MAP_DTYPE,
     columns_of,
     describe_error,
+    limit_worker_threads,
     peak_rss_mb,
     process_name,
 )
@@ -119,15 +123,17 @@ def infer_region(
     plan: SlidePlan,
     region: Region,
     reader: SlideReader,
-    predict_batch: Callable[[np.ndarray], np.ndarray],
+    predict_maps: Callable[[np.ndarray], np.ndarray],
     segment: SegmentConfig,
 ) -> dict[str, Any]:
-    """Stage 1 of one region: read its window and infer its maps; the row ``FinishRegions``
-    takes (float16 maps, the spill crop of the image for the part's table, timings)."""
+    """Stage 1 of one region: read its window and infer its maps (``predict_maps``: uint8
+    windows -> probabilities, ``make_batch_predictor(probabilities=True)``); the row
+    ``FinishRegions`` takes (float16 maps, the spill crop of the image for the part's table,
+    timings)."""
     started = time.time()
     image = read_frame_window(reader, region.window, plan.scale)
     read_done = time.time()
-    probabilities = image_probabilities(image, predict_batch, segment).astype(MAP_DTYPE)
+    probabilities = image_maps(image, predict_maps, segment).astype(MAP_DTYPE)
     infer_done = time.time()
     return {
         "slide": plan.uri,
@@ -200,13 +206,28 @@ class InferRegions:
     (JSON tasks) and infers their maps, which travel on (float16, with the spill crop of the
     image) to ``FinishRegions``, so the actor (and its GPU) goes on to the next region while
     CPU workers label and write. A region is tried ``REGION_ATTEMPTS`` times here; a failure
-    becomes an error row that stage 2 passes on untouched."""
+    becomes an error row that stage 2 passes on untouched.
+
+    As ``pipelines.segment.SegmentActor``: two calls at once (``CONCURRENT_CALLS``), one reading
+    its window while the other's tile batches are on the device, forward passes in turn
+    (``inference.serialised``), each thread with slide readers of its own; sigmoid and float16
+    on the GPU; strict ``--gpu`` (no CUDA: every region an error row naming the reason)."""
+
+    CONCURRENT_CALLS = 2  # calls at once per actor (``runtime.batch.actor_stage``)
 
     def __init__(self, checkpoint: str, segment: dict[str, Any], threads: float = 1):
+        self.segment = SegmentConfig(**segment)
+        self.local = threading.local()  # per calling thread: its open slide readers
+        self.actor = process_name()
+        self.unusable = ""
+        try:
+            self.device = select_device(self.segment.use_gpu)
+        except GpuUnavailableError as error:
+            self.unusable = str(error)
+            logger.error("region actor %s: %s", self.actor, error)
+            return
         import torch
 
-        self.segment = SegmentConfig(**segment)
-        self.device = select_device(self.segment.use_gpu)
         if self.device == "cpu":  # a fractional CPU share rounds to whole threads
             torch.set_num_threads(max(1, min(round(threads), os.cpu_count() or 1)))
         # lazy: io.checkpoint pulls in torch (~650 MB RSS), which the post-processing workers
@@ -214,16 +235,24 @@ class InferRegions:
         from unet_ray.io.checkpoint import load_model
 
         model, _ = load_model(checkpoint, device=self.device)
-        self.predict_batch = make_batch_predictor(model, self.device, tta=self.segment.tta)
-        self.readers: dict[str, SlideReader] = {}
-        self.actor = process_name()
+        self.predict_maps = serialised(
+            make_batch_predictor(model, self.device, tta=self.segment.tta, probabilities=True)
+        )
+
+    @property
+    def readers(self) -> dict[str, SlideReader]:
+        """This thread's open slide readers (a reader's file is not shared between threads)."""
+        if not hasattr(self.local, "readers"):
+            self.local.readers = {}
+        return self.local.readers
 
     def reader(self, plan: SlidePlan) -> SlideReader:
-        if plan.uri not in self.readers:
-            while len(self.readers) >= READER_CACHE:
-                self.readers.pop(next(iter(self.readers))).close()
-            self.readers[plan.uri] = SlideReader(plan.uri, plan.intensity)
-        return self.readers[plan.uri]
+        readers = self.readers
+        if plan.uri not in readers:
+            while len(readers) >= READER_CACHE:
+                readers.pop(next(iter(readers))).close()
+            readers[plan.uri] = SlideReader(plan.uri, plan.intensity)
+        return readers[plan.uri]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         return columns_of([self.infer_task(str(task)) for task in batch["task"]])
@@ -231,11 +260,15 @@ class InferRegions:
     def infer_task(self, task_json: str) -> dict[str, Any]:
         """One region's stage-1 row: the maps, or an error row after ``REGION_ATTEMPTS``."""
         plan, region = task_region(json.loads(task_json))
+        if self.unusable:
+            row = {**failed_region_row(plan.uri, region.key, self.unusable), **empty_maps()}
+            row.update(task=task_json, actor=self.actor, peak_rss_mb=peak_rss_mb())
+            return row
         inferred, message = try_region(
             "reading or inference",
             plan,
             region,
-            lambda: infer_region(plan, region, self.reader(plan), self.predict_batch, self.segment),
+            lambda: infer_region(plan, region, self.reader(plan), self.predict_maps, self.segment),
             # reopen: the file may have been replaced
             after_failure=lambda: self.readers.pop(plan.uri, None),
         )
@@ -284,6 +317,7 @@ class FinishRegions:
     row of stage 1 passes untouched."""
 
     def __init__(self, instances: dict[str, Any]):
+        limit_worker_threads()  # one OpenCV thread: a worker per free CPU
         self.instances = InstanceConfig(**instances)
         self.worker = process_name()
 

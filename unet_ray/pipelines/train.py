@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from unet_ray import io
-from unet_ray.core.config import Config, TrainConfig
+from unet_ray.core.config import HEAD_MASK_CONTOUR, Config, TrainConfig
 from unet_ray.core.schedules import mid_cycle_warning
 from unet_ray.io.checkpoint import CONFIG_FILE, record_encoder_weights
 from unet_ray.io.dsb import list_dsb_samples
@@ -39,7 +39,13 @@ from unet_ray.pipelines.train_loop import (
     train_loop_per_worker,
     training_passes,
 )
-from unet_ray.runtime.cluster import init_ray, is_verbose
+from unet_ray.runtime.cluster import (
+    check_gpu_count,
+    check_local_cuda,
+    init_ray,
+    is_verbose,
+    on_cluster,
+)
 from unet_ray.runtime.progress import Progress, is_terminal
 
 logger = logging.getLogger(__name__)
@@ -103,9 +109,16 @@ def _has_samples(source: str) -> bool:
 
 
 def build_trainer(
-    config: Config, prepared: str, callbacks=None, fault_injection=None, progress_lines=True
+    config: Config,
+    prepared: str,
+    callbacks=None,
+    fault_injection=None,
+    progress_lines=True,
+    gpus_per_worker: float = 1.0,
 ):
     """A TorchTrainer for this config; Ray Train's run lives in OUTPUT/ray_train.
+
+    ``gpus_per_worker`` with ``--gpu``: Tune's trials may share a GPU (``--gpus-per-trial``).
 
     An epoch is at least ``train.min_steps_per_epoch`` steps: a small set is drawn ``copies``
     times per epoch (``data.tile_copies``), each draw a new random crop and augmentation.
@@ -124,7 +137,13 @@ def build_trainer(
     per_worker_batch = per_worker_batch_size(config.train.batch_size, workers)
     copies = tile_copies(train_tiles, workers, per_worker_batch, config.train.min_steps_per_epoch)
     passes = training_passes(config.train.epochs, train_tiles * copies, workers, per_worker_batch)
-    datasets = build_training_datasets(prepared, config.data, passes=passes, copies=copies)
+    datasets = build_training_datasets(
+        prepared,
+        config.data,
+        passes=passes,
+        copies=copies,
+        labels=config.model.head == HEAD_MASK_CONTOUR,  # only the contour target needs them
+    )
     filesystem, storage_path = io.resolve_filesystem(config.train.output)
     return TorchTrainer(
         train_loop_per_worker,
@@ -143,7 +162,7 @@ def build_trainer(
             use_gpu=config.train.use_gpu,
             resources_per_worker={
                 "CPU": config.train.cpus_per_worker,
-                **({"GPU": 1} if config.train.use_gpu else {}),
+                **({"GPU": gpus_per_worker} if config.train.use_gpu else {}),
             },
         ),
         run_config=RunConfig(
@@ -215,18 +234,9 @@ def required_cpus(config: Config) -> int:
 def check_gpus(train: TrainConfig, cluster: dict[str, float], on_cluster: bool) -> None:
     """``--gpu`` asks one GPU per worker. Local Ray has what this machine has, so too few is a
     usage error (Ray Train would wait for them forever); a cluster may still add GPU nodes
-    (autoscaling), so there it is a warning."""
-    if not train.use_gpu:
-        return
-    gpus = cluster.get("GPU", 0)
-    if gpus >= train.workers:
-        return
-    message = (
-        f"--gpu needs one GPU per worker, {train.workers} in all, but the Ray cluster has {gpus:g}"
-    )
-    if not on_cluster:
-        raise ValueError(f"{message}: drop --gpu or lower --workers")
-    logger.warning("%s: training waits until the cluster has them", message)
+    (autoscaling), so there it is a warning (``runtime.cluster.check_gpu_count``)."""
+    if train.use_gpu:
+        check_gpu_count(train.workers, cluster, on_cluster, "one GPU per worker", "lower --workers")
 
 
 def run_training(config: Config, fault_injection: dict[str, Any] | None = None) -> TrainResult:
@@ -237,7 +247,8 @@ def run_training(config: Config, fault_injection: dict[str, Any] | None = None) 
     config = prepare_run_config(config)
     init_ray(required_cpus(config))
     cluster = ray.cluster_resources()
-    check_gpus(config.train, cluster, on_cluster=bool(os.environ.get("RAY_ADDRESS")))
+    check_gpus(config.train, cluster, on_cluster=on_cluster())
+    check_local_cuda(config.train.use_gpu)  # GPUs in Ray, but torch sees no CUDA: exit 2
     available = cluster.get("CPU", 0)
     if available < required_cpus(config):
         logger.warning(

@@ -27,7 +27,9 @@ from unet_ray.core.schedules import config_learning_rate, step_epoch
 from unet_ray.inference import (
     image_logits,
     make_batch_predictor,
+    normalise_images,
     score_image,
+    select_device,
     sigmoid_in_place,
     summarise_scores,
     validation_loss,
@@ -45,7 +47,12 @@ TENSORBOARD_DIR = "tensorboard"
 # running maximum of the epoch's `train.best_metric` (val_<metric>): what Tune's ASHA and Optuna
 # compare trials on, the same name whichever metric the run selects by
 BEST_SCORE_METRIC = "best_val_score"
+# running maximum of val_pixel_f1, the metric searches ranked trials by before `best_metric`: a
+# search started then and restored now still finds the metric its pickled scheduler expects
+LEGACY_SEARCH_METRIC = "best_val_pixel_f1"
 VAL_IMAGES_CSV = "val_images.csv"  # per-image validation scores of the latest epoch
+# training batches Ray Data prepares ahead of the step (pinned and on their way to the GPU)
+TRAIN_PREFETCH_BATCHES = 2
 
 
 # Fault injection for tests and drills: the last rank dies (os._exit) early in this epoch
@@ -88,12 +95,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     is_rank_zero = rank == 0
+    if config.train.use_gpu:
+        select_device(True)  # strict --gpu: a worker whose torch sees no CUDA fails the run
     device = ray.train.torch.get_device()
 
     model, optimizer, state = _build_or_resume(config, device)
     state["run_starts"].append(state["epoch"])
     if use_sync_batchnorm(config.train.sync_batchnorm, config.train.use_gpu, world_size):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device.type == "cuda":  # fixed training shapes: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     loss_function = build_loss(config.train.loss, config.train.contour_weight)
     per_worker_batch = per_worker_batch_size(config.train.batch_size, world_size)
@@ -179,6 +191,9 @@ def _record_epoch(
         **{f"val_{name}": value for name, value in summary.items() if name != "n_images"},
         "val_images": summary["n_images"],
         BEST_SCORE_METRIC: best,
+        LEGACY_SEARCH_METRIC: max(
+            [summary["pixel_f1"], *(row["val_pixel_f1"] for row in state["history"])]
+        ),
         "seconds": round(time.perf_counter() - started, 2),
     }
     state["epoch"] = epoch + 1
@@ -279,7 +294,12 @@ def stream_batches(shard, batch_size: int, device: torch.device, shuffle_tiles: 
     passes run out (e.g. an epoch rounds its share up to whole batches), the next execution
     starts (``training_passes`` reads enough that this should not happen); every worker holds
     the same number of rows, so all of them would restart at the same step.
+
+    Batches are uint8 (``data.to_model_batch``); on a GPU they are collated into pinned memory
+    and copied to the device without blocking (Ray's default), ``TRAIN_PREFETCH_BATCHES``
+    ahead of the step; ``device_batch`` then normalises them there.
     """
+    on_cuda = torch.device(device).type == "cuda"
     while True:
         batches = 0
         for batch in shard.iter_torch_batches(
@@ -287,6 +307,8 @@ def stream_batches(shard, batch_size: int, device: torch.device, shuffle_tiles: 
             device=device,
             drop_last=False,
             local_shuffle_buffer_size=max(shuffle_tiles, batch_size),
+            prefetch_batches=TRAIN_PREFETCH_BATCHES,
+            pin_memory=on_cuda,
         ):
             batches += 1
             yield batch
@@ -306,11 +328,12 @@ def train_one_epoch(
 ) -> tuple[float, float]:
     """``steps_per_epoch`` steps on batches from ``stream_batches`` (augmented anew by Ray Data);
     returns the mean loss and the last (decoder) learning rate. Each parameter group learns at
-    the schedule's rate times its ``lr_scale``."""
+    the schedule's rate times its ``lr_scale``. The losses are summed on the device and read
+    once at the end of the epoch (no host sync per step)."""
     model.train()
-    total_loss, lr = 0.0, config.train.max_lr
+    total_loss, lr = torch.zeros((), device=device), config.train.max_lr
     for step in range(steps_per_epoch):
-        batch = next(batches)
+        batch = device_batch(next(batches), device)
         lr = config_learning_rate(config.train, step_epoch(epoch, step, steps_per_epoch))
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -322,8 +345,20 @@ def train_one_epoch(
         if config.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
         optimizer.step()
-        total_loss += float(loss.detach())
-    return total_loss / steps_per_epoch, lr
+        total_loss += loss.detach()
+    return float(total_loss) / steps_per_epoch, lr
+
+
+def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A training batch as the model and loss take it: a uint8 image normalised on the device
+    (``inference.normalise_images``; channels-last on a GPU, as the model is), a float mask,
+    labels as they came (only the contour head has them). Float batches pass unchanged."""
+    image = batch["image"]
+    if image.dtype == torch.uint8:
+        image = normalise_images(image)
+    if torch.device(device).type == "cuda":
+        image = image.contiguous(memory_format=torch.channels_last)
+    return {**batch, "image": image, "mask": batch["mask"].float()}
 
 
 def rank_share(sample_ids: list[str], rank: int, world_size: int) -> list[str]:
@@ -351,13 +386,14 @@ def validate_images(
     ``(summary, rows)``: ``summarise_scores`` plus ``loss`` (pixel-weighted), and one row per
     image sorted by image id.
     """
-    predict_batch = make_batch_predictor(model, str(device), channels_last=False)  # eval mode
+    # eval mode; channels-last on a GPU, the memory format the model trained in
+    predict_batch = make_batch_predictor(model, str(device))
     rows = []
     for name, image, truth in read_split_images(
         prepared, rank_share(val_samples, rank, world_size)
     ):
         logits = image_logits(image, predict_batch, config.segment)
-        loss = validation_loss(loss_function, logits, truth)
+        loss = validation_loss(loss_function, logits, truth, device)
         row = score_image(name, sigmoid_in_place(logits), truth, config.instances)
         rows.append({**row, "loss": loss, "pixels": truth.size, "rank": rank})
     rows = _all_gather_rows(rows, world_size)

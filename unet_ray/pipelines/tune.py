@@ -21,7 +21,13 @@ from unet_ray.io.checkpoint import CONFIG_FILE, MODEL_FILE, record_encoder_weigh
 from unet_ray.pipelines.thresholds import describe_search, search_checkpoint_task
 from unet_ray.pipelines.train import build_trainer, required_cpus, resolve_training_data
 from unet_ray.pipelines.train_loop import BEST_DIR, BEST_SCORE_METRIC, score_metric
-from unet_ray.runtime.cluster import API_SERVER_ENV, init_ray, is_verbose, quiet_ray_logging
+from unet_ray.runtime.cluster import (
+    API_SERVER_ENV,
+    check_gpu_request,
+    init_ray,
+    is_verbose,
+    quiet_ray_logging,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +111,38 @@ def run_trial(trial: dict[str, Any]) -> None:
     output = io.join_uri(trial["output"], TRIALS_DIR, trial_id)
     config = trial_config(trial["base"], trial["sampled"], output)
     io.make_dirs(output)
-    result = build_trainer(config, trial["prepared"], callbacks=[TuneReportCallback()]).fit()
+    result = build_trainer(
+        config,
+        trial["prepared"],
+        callbacks=[TuneReportCallback()],
+        gpus_per_worker=gpus_per_worker(config),
+    ).fit()
     if result.error is not None:
         raise RuntimeError(f"trial {trial_id} failed: {result.error}") from result.error
+
+
+def gpus_per_worker(config: Config) -> float:
+    """GPUs each training worker of a trial holds with ``--gpu``: one, or with
+    ``--gpus-per-trial G`` the trial's ``G`` shared among its workers (``G`` below one lets
+    several small-batch trials share a GPU; DDP ranks of one trial cannot share one)."""
+    shared = config.tune.gpus_per_trial
+    workers = config.train.workers
+    if shared == 0:
+        return 1.0
+    if shared < 0:
+        raise ValueError(f"--gpus-per-trial {shared:g} must be positive (0: one per worker)")
+    if workers > 1 and shared / workers < 1:
+        raise ValueError(
+            f"--gpus-per-trial {shared:g} gives each of the {workers} workers of a trial less "
+            "than a GPU, and DDP ranks cannot share one: use --workers 1 or at least "
+            f"--gpus-per-trial {workers}"
+        )
+    return shared / workers
+
+
+def trial_gpus(config: Config) -> float:
+    """GPUs one trial holds (0 without ``--gpu``)."""
+    return gpus_per_worker(config) * config.train.workers if config.train.use_gpu else 0.0
 
 
 def trial_cpus(config: Config) -> float:
@@ -131,11 +166,11 @@ def max_concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
     # Ray counts resources in units of 1e-4; the rounding keeps e.g. 4.02 // 2.01 at 2
     fits = math.floor(round(cluster.get("CPU", 1) / cpus_per_trial, 6))
     if train.use_gpu:
-        fits = min(fits, int(cluster.get("GPU", 0) // train.workers))
+        fits = min(fits, math.floor(round(cluster.get("GPU", 0) / trial_gpus(config), 6)))
     if fits < 1:
         raise ValueError(
             f"one trial needs {cpus_per_trial} CPUs"
-            + (f" and {train.workers} GPUs" if train.use_gpu else "")
+            + (f" and {trial_gpus(config):g} GPUs" if train.use_gpu else "")
             + f" but the cluster has {cluster}; lower --workers"
         )
     return fits
@@ -252,8 +287,15 @@ def run_tuning(config: Config) -> TuneSummary:
     trial's workers check theirs against the same SHA-256 prefix."""
     io.check_writable(config.train.output)
     build_search_space(config)  # batch sizes that fit the workers, before Ray starts
+    gpus_per_worker(config)  # a --gpus-per-trial that cannot work, before Ray starts
     config = dataclasses.replace(config, model=record_encoder_weights(config.model))
     init_ray(required_search_cpus(config))
+    check_gpu_request(
+        config.train.use_gpu,
+        trial_gpus(config),
+        "the GPUs of one trial",
+        "lower --workers or --gpus-per-trial",
+    )
     problem = state_api_problem()
     if problem:
         logger.warning(

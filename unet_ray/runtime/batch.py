@@ -6,9 +6,11 @@ per-process memory and name that benchmarks read. Nothing here knows about nucle
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import resource
+import sys
 import warnings
 from contextlib import contextmanager
 from typing import Any
@@ -122,10 +124,15 @@ def actor_stage(
     ``max_task_retries``: how often a row whose actor died is retried before the dataset gives
     up on it (Ray Data's default retries forever, with the actor restarted each time: a row that
     runs its actor out of memory would never end).
+
+    An actor class whose calls may run at once in threads says so with a ``CONCURRENT_CALLS``
+    attribute (the inference actors: 2, so that one call reads and tiles its image while the
+    other's batches are on the device); its pool then runs that many calls per actor.
     """
     extra: dict[str, Any] = {"max_task_retries": max_task_retries}
     if num_gpus is not None:
         extra["num_gpus"] = num_gpus
+    pool = with_concurrent_calls(pool, getattr(actor_class, "CONCURRENT_CALLS", 1))
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for max_task_retries yet; without it a row that kills
         # its actor (out of memory) would be retried forever
@@ -141,15 +148,60 @@ def actor_stage(
         )
 
 
+def with_concurrent_calls(pool, calls: int):
+    """``pool`` (a ``ray.data.ActorPoolStrategy``) with ``calls`` calls running at once in each
+    actor, in threads of their own (Ray Data otherwise runs an actor's calls one by one)."""
+    import ray
+
+    if calls <= 1:
+        return pool
+    return ray.data.ActorPoolStrategy(
+        min_size=pool.min_size,
+        max_size=None if pool.max_size == float("inf") else pool.max_size,
+        initial_size=pool.initial_size,
+        max_tasks_in_flight_per_actor=max(calls, pool.max_tasks_in_flight_per_actor or calls),
+        max_concurrent_calls_per_actor=calls,
+        enable_true_multi_threading=True,
+    )
+
+
+def actor_gpus(segment: SegmentConfig) -> float:
+    """GPUs one inference actor holds: none on CPU, else its share of one GPU
+    (``--actors-per-gpu N``: 1/N, N actors with a model each on every GPU)."""
+    if not segment.use_gpu:
+        return 0
+    if segment.actors_per_gpu < 1:
+        raise ValueError(f"--actors-per-gpu {segment.actors_per_gpu} must be at least 1")
+    return 1.0 / segment.actors_per_gpu
+
+
+def gpus_needed(segment: SegmentConfig) -> int:
+    """Whole GPUs the inference actors of ``segment`` need at once."""
+    return math.ceil(segment.workers / segment.actors_per_gpu) if segment.use_gpu else 0
+
+
 def finish_workers(segment: SegmentConfig) -> int:
-    """Post-processing workers: on GPU, every CPU the GPU actors leave free (at most 8 per
-    actor); on CPU, one per inference actor."""
+    """Post-processing workers: on GPU, every CPU of the cluster the inference actors leave
+    free (one CPU each; no cap: labelling and writing are what a GPU job waits for); on CPU,
+    one per inference actor."""
     import ray
 
     if not segment.use_gpu:
         return segment.workers
     free = int(ray.cluster_resources().get("CPU", 1)) - segment.workers
-    return max(1, min(free, 8 * segment.workers))
+    return max(1, free)
+
+
+def limit_worker_threads() -> None:
+    """One OpenCV thread (and one torch thread, where torch is loaded) in a post-processing
+    worker: every CPU runs a worker of its own, and nested thread pools only contend. BLAS and
+    OpenMP follow OMP_NUM_THREADS, which Ray sets to the worker's (one) CPU."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch = sys.modules.get("torch")  # never imported here: the workers stay torch-free
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 def peak_rss_mb() -> float:

@@ -166,3 +166,61 @@ def ray_log_folder() -> str:
         return ray._private.worker.global_worker.node.get_logs_dir_path()
     except AttributeError:  # private API moved: point at Ray's default place
         return os.path.join(tempfile.gettempdir(), "ray", "session_latest", "logs")
+
+
+# ----------------------------------------------------------------------------- strict --gpu
+
+
+def on_cluster() -> bool:
+    """Whether this job runs on a Ray cluster (RAY_ADDRESS, `ray job submit`), which may add GPU
+    nodes (autoscaling), rather than on local Ray, which has what this machine has."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def check_gpu_count(
+    needed: float, cluster: dict[str, float], cluster_job: bool, per_what: str, fix: str
+) -> None:
+    """``--gpu`` asking for ``needed`` GPUs (``per_what``: e.g. "one GPU per worker") of a Ray
+    cluster whose resources are ``cluster``. Too few on local Ray is a usage error
+    (``ValueError``, exit 2, before any work: Ray would wait for them forever), naming why this
+    machine has none when torch sees no CUDA; on a cluster a warning (an autoscaler may add
+    GPU nodes)."""
+    gpus = float(cluster.get("GPU", 0))
+    if gpus + GPU_EPSILON >= needed:
+        return
+    message = f"--gpu needs {per_what}, {needed:g} in all, but the Ray cluster has {gpus:g}"
+    if cluster_job:
+        logger.warning("%s: the job waits until the cluster has them", message)
+        return
+    from unet_ray.inference import cuda_problem
+
+    problem = cuda_problem()
+    reason = f" ({problem.removeprefix('--gpu was given but ')})" if problem else ""
+    raise ValueError(f"{message}{reason}: drop --gpu or {fix}")
+
+
+GPU_EPSILON = 1e-6  # Ray counts fractional GPUs in units of 1e-4
+
+
+def check_local_cuda(use_gpu: bool) -> None:
+    """``--gpu`` on local Ray: the workers run on this machine with this torch, so a torch that
+    sees no CUDA device is a usage error here and now (``inference.GpuUnavailableError``, exit
+    2), never a CPU fall-back. On a cluster the driver may sit on a CPU node: each worker and
+    actor checks for itself there (a failed run or failed rows naming the reason)."""
+    if not use_gpu or on_cluster():
+        return
+    from unet_ray.inference import select_device
+
+    select_device(True)
+
+
+def check_gpu_request(use_gpu: bool, needed: float, per_what: str, fix: str) -> None:
+    """Both strict ``--gpu`` checks against the running Ray: enough GPUs
+    (``check_gpu_count``), then CUDA in this process's torch on local Ray
+    (``check_local_cuda``)."""
+    if not use_gpu:
+        return
+    import ray
+
+    check_gpu_count(needed, ray.cluster_resources(), on_cluster(), per_what, fix)
+    check_local_cuda(use_gpu)
