@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= demo_output
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test drills lint lock venv wheelhouse clean benchmark
+.PHONY: demo test drills lint lock venv wheelhouse clean benchmark gpu-check
 
 # Install knobs (scripts/install.py; README "Ray clusters"), for `make venv` and `make wheelhouse`:
 #   WHEELHOUSE=DIR   `make venv` installs from that folder only (no index); `make wheelhouse`
@@ -75,6 +75,15 @@ demo: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/run.py --quick
+
+# One GPU, at most ~8 minutes, no network (issue 22): the environment, a 2-epoch
+# `unet-ray train --gpu`, plain-PyTorch bf16 steps at batch 16 and 64, a synthetic collection and
+# a 16k x 16k slide segmented with --gpu, GPU utilisation sampled throughout; one table, and JSON
+# in $(GPU_CHECK_OUT)/gpu_check.json. DRY_RUN=1: the same steps on the CPU at tiny sizes.
+GPU_CHECK_OUT ?= gpu_check
+DRY_RUN ?=
+gpu-check: $(STAMP)
+	GPU_CHECK_OUT=$(GPU_CHECK_OUT) $(BIN)/python benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(filter-out 0 no false,$(DRY_RUN)),--dry-run)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -153,9 +153,7 @@ def test_probability_maps_equal_the_sigmoid_of_the_logits_on_either_side():
     model = FirstChannels()
     logits = make_batch_predictor(model, "cpu")(windows)
     on_cpu = make_batch_predictor(model, "cpu", probabilities=True)(windows)
-    on_device = make_batch_predictor(model, "cpu", probabilities=True, maps_on_device=True)(
-        windows
-    )
+    on_device = make_batch_predictor(model, "cpu", probabilities=True, maps_on_device=True)(windows)
     assert on_cpu.dtype == np.float16 and on_device.dtype == np.float16
     np.testing.assert_array_equal(on_cpu, expit(logits).astype(np.float16))
     np.testing.assert_allclose(on_device.astype(np.float32), on_cpu.astype(np.float32), atol=1e-3)
@@ -215,9 +213,7 @@ def test_the_overlapped_actor_gives_the_serial_actors_maps(checkpoint, images):
     model, _ = load_model(checkpoint)
     image = np.asarray(Image.open(images[0]).convert("RGB"))
     reference = image_probabilities(image, make_batch_predictor(model, "cpu"), segment)
-    np.testing.assert_array_equal(
-        serial[images[0]]["probabilities"], reference.astype(np.float16)
-    )
+    np.testing.assert_array_equal(serial[images[0]]["probabilities"], reference.astype(np.float16))
     maps = image_maps(image, make_batch_predictor(model, "cpu", probabilities=True), segment)
     np.testing.assert_array_equal(maps.astype(np.float16), reference.astype(np.float16))
 

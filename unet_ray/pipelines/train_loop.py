@@ -101,12 +101,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model, optimizer, state = _build_or_resume(config, device)
     state["run_starts"].append(state["epoch"])
-    if use_sync_batchnorm(config.train.sync_batchnorm, config.train.use_gpu, world_size):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if device.type == "cuda":  # fixed training shapes: let cuDNN pick its fastest kernels
-        torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = prepare_training_model(model, config, device, world_size)
     loss_function = build_loss(config.train.loss, config.train.contour_weight)
     per_worker_batch = per_worker_batch_size(config.train.batch_size, world_size)
     steps_per_epoch = steps_per_worker_epoch(
@@ -167,6 +162,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_batches.close()  # ends the Ray Data execution still streaming unused passes
     if writer is not None:
         writer.close()
+
+
+def prepare_training_model(model, config: Config, device: torch.device, world_size: int):
+    """The model as DDP trains it: SyncBatchNorm when several GPU workers use it; on a GPU
+    channels-last with ``cudnn.benchmark`` (training shapes are fixed, so cuDNN's search pays
+    once); wrapped by Ray Train (DDP, the device)."""
+    import ray.train.torch
+
+    if use_sync_batchnorm(config.train.sync_batchnorm, config.train.use_gpu, world_size):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+    return ray.train.torch.prepare_model(model)
 
 
 def _record_epoch(
