@@ -8,7 +8,6 @@ python jobs/segment.py --smoke-test        # random-weight model, 3 small images
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
@@ -45,18 +44,20 @@ def write_smoke_test_inputs(root: str) -> tuple[str, str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     from unet_ray.cli import add_segment_arguments, segment_main
+    from unet_ray.cli_args import HelpFormatter, add_verbose_argument, apply_verbose
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
     )
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     if "--smoke-test" in argv:  # CHECKPOINT INPUT OUTPUT are made up, not asked for
         root = tempfile.mkdtemp(prefix="unet_ray_segment_smoke_")
         argv = [*write_smoke_test_inputs(root), *SMOKE_TEST_FLAGS, *argv]
     parser.add_argument("--smoke-test", action="store_true", help="tiny synthetic run on CPU")
     add_segment_arguments(parser)
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    apply_verbose(args.verbose)
     try:
         return segment_main(args)  # RAY_ADDRESS (set by `ray job submit`) selects the cluster
     except (ValueError, FileNotFoundError) as error:

@@ -10,7 +10,13 @@ import argparse
 import json
 import sys
 
-from unet_ray.cli import add_train_arguments, apply_smoke_test_defaults, config_from_args
+from unet_ray.cli import (
+    add_train_arguments,
+    apply_smoke_test_defaults,
+    check_train_inputs,
+    config_from_args,
+)
+from unet_ray.cli_args import HelpFormatter, add_verbose_argument, apply_verbose
 
 SMOKE_TEST_FLAGS = {
     "epochs": 1,
@@ -28,13 +34,22 @@ SMOKE_TEST_FLAGS = {
 def main(argv=None) -> int:
     from unet_ray.pipelines.train import run_training
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     add_train_arguments(parser)
     parser.add_argument("--smoke-test", action="store_true", help="tiny synthetic run on CPU")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    apply_verbose(args.verbose)
     if args.smoke_test:
         apply_smoke_test_defaults(args, SMOKE_TEST_FLAGS, "unet_ray_smoke_")
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+        check_train_inputs(config)  # a missing --data: exit 2 before Ray starts
+    except (ValueError, FileNotFoundError) as error:
+        print(f"jobs/train.py: error: {error}", file=sys.stderr)
+        return 2
     result = run_training(config)
     print(json.dumps({"best_checkpoint": result.best_checkpoint, **result.metrics}, indent=2))
     return 0

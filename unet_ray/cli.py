@@ -10,13 +10,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 import yaml
 
+from unet_ray.cli_args import (
+    THRESHOLDS_SUFFIX,
+    HelpFormatter,
+    add_export_parser,
+    add_thresholds_parser,
+    add_tta_argument,
+    add_verbose_argument,
+    add_version_argument,
+    apply_verbose,
+    check_inputs,
+    config_overrides,
+    show_config_defaults,
+)
 from unet_ray.core.config import (
     BEST_METRICS,
     DEFAULT_HALO,
@@ -33,6 +45,7 @@ from unet_ray.core.config import (
     SegmentConfig,
     SlideConfig,
     load_config,
+    read_config_overrides,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -46,7 +59,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     Every default is None so that only flags the user gave override the --config file.
     """
-    parser.add_argument("--config", help="YAML config; flags given on the command line override it")
+    parser.add_argument(
+        "--config",
+        help="YAML config; flags given on the command line override it (default: none)",
+    )
     parser.add_argument(
         "--data",
         help="DSB2018 layout (folder, .zip, s3://) or prepared shards; "
@@ -56,11 +72,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--output",
         help="run folder, local or s3://bucket/prefix (default runs/train; tune: runs/tune)",
     )
-    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--epochs", type=int, help="training epochs")
     parser.add_argument("--batch-size", type=int, help="global batch size, split across workers")
     parser.add_argument("--max-lr", type=float, help="maximum learning rate of the schedule")
-    parser.add_argument("--scheduler", choices=SCHEDULERS)
-    parser.add_argument("--loss", choices=LOSSES)
+    parser.add_argument("--scheduler", choices=SCHEDULERS, help="learning-rate schedule")
+    parser.add_argument("--loss", choices=LOSSES, help="training loss")
     parser.add_argument(
         "--image-size",
         type=int,
@@ -73,9 +89,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="tile side when raw data is prepared on the fly (default 256, at least --image-size)",
     )
     parser.add_argument("--val-fraction", type=float, help="fraction of images held out")
-    parser.add_argument("--elastic-probability", type=float)
+    parser.add_argument(
+        "--elastic-probability", type=float, help="fraction of tiles elastically deformed"
+    )
     parser.add_argument("--synth-count", type=int, help="synthetic images when --data is omitted")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=int, help="split and synthetic-data seed")
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        help="microns per pixel of the training images, recorded in the checkpoint so that "
+        "`segment` rescales to it (default: what `prepare --mpp` recorded in prepared shards, "
+        "else none)",
+    )
     parser.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     parser.add_argument("--max-failures", type=int, help="worker failures survived by resuming")
@@ -105,8 +130,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="plain BatchNorm per GPU (default: SyncBatchNorm with more than one GPU worker)",
     )
-    parser.add_argument("--freeze-encoder", action="store_true", default=None)
-    parser.add_argument("--decoder-batchnorm", action="store_true", default=None)
+    parser.add_argument(
+        "--freeze-encoder", action="store_true", default=None, help="keep the encoder fixed"
+    )
+    parser.add_argument(
+        "--decoder-batchnorm",
+        action="store_true",
+        default=None,
+        help="batch-norm in the decoder (the report found it lowers contrast at borders)",
+    )
     parser.add_argument(
         "--head",
         choices=HEADS,
@@ -114,7 +146,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "split touching nuclei (default: model.head of the config)",
     )
     parser.add_argument(
-        "--contour-weight", type=float, help="mask+contour: weight of the contour loss (1.0)"
+        "--contour-weight", type=float, help="mask+contour: weight of the contour loss"
     )
     add_selection_arguments(parser)
     add_instance_arguments(parser)
@@ -142,38 +174,33 @@ def add_instance_arguments(parser: argparse.ArgumentParser) -> None:
     """Post-processing flags; each given one overrides the value saved in the checkpoint (train:
     the config's), which validation, `evaluate` and `segment` share."""
     group = parser.add_argument_group("instances (default: the checkpoint's values)")
-    group.add_argument("--threshold", type=float, help="nucleus probability threshold (0.5)")
+    group.add_argument(
+        "--threshold", type=float, help="nucleus probability threshold (a new model's default: 0.5)"
+    )
     group.add_argument(
         "--contour-threshold",
         type=float,
         help="mask+contour: nuclei part where the contour probability reaches this fraction of "
-        "its peak in the image (0.5)",
+        "its peak in the image (a new model's default: 0.5)",
     )
     group.add_argument(
         "--core-ratio",
         type=float,
         help="mask head: seeds where the distance to the background is at least this fraction "
-        "of the largest one nearby (0.85)",
+        "of the largest one nearby (a new model's default: 0.85)",
     )
-    group.add_argument("--min-size", type=int, help="smallest nucleus kept, pixels (16)")
-    group.add_argument("--min-seed-size", type=int, help="smallest seed counted, pixels (4)")
+    group.add_argument(
+        "--min-size", type=int, help="smallest nucleus kept, pixels (a new model's default: 16)"
+    )
+    group.add_argument(
+        "--min-seed-size", type=int, help="smallest seed counted, pixels (a new model's default: 4)"
+    )
     group.add_argument(
         "--no-fill-holes",
         dest="fill_holes",
         action="store_false",
         default=None,
         help="keep background enclosed by one nucleus as background",
-    )
-
-
-def add_tta_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--tta",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="test-time augmentation: average the logits over the 8 flips and quarter turns of "
-        "each tile (8x the inference work; default: the checkpoint's segment.tta, on when its "
-        "instance settings were searched with TTA)",
     )
 
 
@@ -188,13 +215,11 @@ INSTANCE_FLAGS = (
 
 
 def instance_config_from_args(args: argparse.Namespace, base: InstanceConfig) -> InstanceConfig:
-    """``base`` (the checkpoint's instance settings) with the flags the user gave applied."""
-    given = {
-        name: getattr(args, name)
-        for name in INSTANCE_FLAGS
-        if getattr(args, name, None) is not None
-    }
-    values = {**dataclasses.asdict(base), **given}
+    """``base`` (the checkpoint's instance settings), then the ``instances:`` keys of a
+    ``--config`` file (segment, evaluate), then the flags the user gave."""
+    given = read_config_overrides(getattr(args, "config", None), ("instances",))
+    flags = {name: getattr(args, name, None) for name in INSTANCE_FLAGS}
+    values = config_overrides(given, dataclasses.asdict(base), flags, "instances")
     return Config.from_dict({"instances": values}).instances
 
 
@@ -203,6 +228,15 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, help="number of trials")
     parser.add_argument("--max-epochs", type=int, help="epochs of the longest trial")
     parser.add_argument("--max-concurrent", type=int, help="trials at once (default: what fits)")
+    parser.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        help="with --gpu: GPUs one trial's workers share, e.g. 0.25 runs four one-worker trials "
+        "per GPU (default: one per worker)",
+    )
+
+
+TUNE_FLAGS = (("num_samples", "tune", "num_samples"), ("max_epochs", "tune", "max_epochs"))
 
 
 # (flag attribute, config section, config field)
@@ -220,6 +254,7 @@ _TRAIN_OVERRIDES = (
     ("elastic_probability", "data", "elastic_probability"),
     ("synth_count", "data", "synth_count"),
     ("seed", "data", "seed"),
+    ("mpp", "data", "mpp"),
     ("workers", "train", "workers"),
     ("gpu", "train", "use_gpu"),
     ("max_failures", "train", "max_failures"),
@@ -268,7 +303,20 @@ def config_from_args(args: argparse.Namespace) -> Config:
     values["train"]["output"] = absolute_path(values["train"]["output"])
     if values["model"]["encoder_weights"] not in (ENCODER_IMAGENET, ENCODER_NONE):
         values["model"]["encoder_weights"] = absolute_path(values["model"]["encoder_weights"])
+    if data["mpp"] is None and data["source"] is not None:
+        from unet_ray.io.prepared import dataset_mpp
+
+        data["mpp"] = dataset_mpp(data["source"])  # `prepare --mpp` recorded it
     return Config.from_dict(values)
+
+
+def check_train_inputs(config: Config) -> None:
+    """A --data or --encoder-weights path that does not exist: InputError (exit 2) before Ray."""
+    weights = config.model.encoder_weights
+    check_inputs(
+        data=config.data.source,
+        encoder_weights_file=None if weights in (ENCODER_IMAGENET, ENCODER_NONE) else weights,
+    )
 
 
 def absolute_path(uri: str | None) -> str | None:
@@ -302,70 +350,85 @@ def tune_config_from_args(args: argparse.Namespace, config: Config) -> Config:
         ("num_samples", "num_samples"),
         ("max_epochs", "max_epochs"),
         ("max_concurrent", "max_concurrent"),
+        ("gpus_per_trial", "gpus_per_trial"),
     ):
         if getattr(args, attribute, None) is not None:
             values["tune"][field_name] = getattr(args, attribute)
     return Config.from_dict(values)
 
 
+# (flag attribute, SegmentConfig field): None unless given, so that --config can set them
+SEGMENT_FLAGS = (
+    ("tile", "tile"),
+    ("overlap", "overlap"),
+    ("scheme", "scheme"),
+    ("batch_size", "batch_size"),
+    ("workers", "workers"),
+    ("gpu", "use_gpu"),
+    ("actors_per_gpu", "actors_per_gpu"),
+    ("overwrite", "overwrite"),
+    ("mpp", "image_mpp"),
+)
+
+
 def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``unet-ray segment`` and ``jobs/segment.py``."""
-    defaults = SegmentConfig()
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder (local, s3://)")
     parser.add_argument("input", metavar="INPUT", help="image folder, s3:// prefix or one image")
     parser.add_argument("output", metavar="OUTPUT", help="output folder or s3:// prefix")
     parser.add_argument(
-        "--tile", type=int, default=defaults.tile, help="network input side, multiple of 32"
+        "--config",
+        help="YAML config whose segment: and instances: sections override the checkpoint's "
+        "values (flags override both; default: none)",
     )
+    parser.add_argument("--tile", type=int, help="network input side, multiple of 32")
     parser.add_argument(
-        "--overlap",
-        type=int,
-        default=defaults.overlap,
-        help="context margin kept around each tile's core (pixels per side)",
+        "--overlap", type=int, help="context margin kept around each tile's core (pixels per side)"
     )
     parser.add_argument(
         "--scheme",
         choices=("default", "reference"),
-        default=defaults.scheme,
         help="reference: the report's 128-px cores reflect-padded to 256 (ignores --tile/--overlap)",
     )
+    parser.add_argument("--batch-size", type=int, help="tiles per inference batch")
+    parser.add_argument("--workers", type=int, help="inference actors (one model each)")
     parser.add_argument(
-        "--batch-size", type=int, default=defaults.batch_size, help="tiles per inference batch"
+        "--gpu",
+        action="store_true",
+        default=None,
+        help="one GPU per actor (strict: no CUDA where it runs is an error, never the CPU)",
     )
     parser.add_argument(
-        "--workers", type=int, default=defaults.workers, help="inference actors (one model each)"
+        "--actors-per-gpu",
+        type=int,
+        help="with --gpu: inference actors sharing each GPU, each holding 1/N of it (default 1)",
     )
-    parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
     parser.add_argument(
         "--cpus-per-worker", type=int, help="CPUs per actor (default: a fair share of the cluster)"
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="redo images whose outputs are complete"
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="redo images whose outputs are complete",
     )
     add_tta_argument(parser)
     add_instance_arguments(parser)
     add_slide_arguments(parser)
+    show_config_defaults(parser, [(flag, "segment", name) for flag, name in SEGMENT_FLAGS])
 
 
 def configs_from_args(
     args: argparse.Namespace, saved: Config
 ) -> tuple[SegmentConfig, InstanceConfig]:
-    """Validated segment config from parsed flags (TTA: the checkpoint's unless --tta/--no-tta),
-    and the instance config: the checkpoint's (``saved``) with the instance flags given applied."""
-    config = Config.from_dict(
-        {
-            "segment": {
-                "tile": args.tile,
-                "overlap": args.overlap,
-                "scheme": args.scheme,
-                "batch_size": args.batch_size,
-                "tta": saved.segment.tta if args.tta is None else args.tta,
-                "workers": args.workers,
-                "use_gpu": bool(args.gpu),
-                "overwrite": bool(args.overwrite),
-            },
-        }
-    )
+    """Validated segment config: the defaults (TTA: the checkpoint's), then the ``segment:``
+    keys of a ``--config`` file, then the flags given; and the instance config: the
+    checkpoint's (``saved``), the file's ``instances:`` keys, then the instance flags given."""
+    given = read_config_overrides(getattr(args, "config", None), ("segment",))
+    flags = {name: getattr(args, flag, None) for flag, name in SEGMENT_FLAGS}
+    flags["tta"] = args.tta
+    base = {**dataclasses.asdict(SegmentConfig()), "tta": saved.segment.tta}
+    config = Config.from_dict({"segment": config_overrides(given, base, flags, "segment")})
     return config.segment, instance_config_from_args(args, saved.instances)
 
 
@@ -374,20 +437,23 @@ def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mpp",
         type=float,
-        help="microns per pixel to segment slides at (default: each slide's own)",
+        help="slides: microns per pixel to segment at (default: each slide's own); whole "
+        "images: their microns per pixel (default: a TIFF's resolution tags), rescaled to the "
+        "model's (the checkpoint's data.mpp) and the outputs mapped back",
     )
     parser.add_argument(
         "--region",
         type=int,
         default=DEFAULT_REGION,
         help=f"slide region side in pixels, a multiple of {LABEL_TILE}; TIFFs larger than one "
-        "region are read by window as slides",
+        "region are read by window as slides (default: %(default)s)",
     )
     parser.add_argument(
         "--halo",
         type=int,
         default=DEFAULT_HALO,
-        help="context read around each slide region; nuclei up to halo - overlap px stay whole",
+        help="context read around each slide region; nuclei up to halo - overlap px stay whole "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--no-tissue-mask",
@@ -420,13 +486,19 @@ def command_synth(args: argparse.Namespace) -> int:
 
 
 def command_prepare(args: argparse.Namespace) -> int:
+    from unet_ray.io.prepared import record_dataset_mpp
     from unet_ray.pipelines.data import prepare_dataset
     from unet_ray.runtime.cluster import init_ray
 
+    check_inputs(source=args.src)
+    if args.mpp is not None and args.mpp <= 0:
+        raise ValueError(f"--mpp {args.mpp} must be positive (microns per pixel)")
     init_ray()
     info = prepare_dataset(
         absolute_path(args.src), absolute_path(args.out), args.tile, args.val_fraction, args.seed
     )
+    if args.mpp is not None:
+        record_dataset_mpp(absolute_path(args.out), args.mpp)
     print(
         f"prepared {info['train']['tiles']} training and {info['val']['tiles']} validation "
         f"tiles of {info['tile_size']} px in {args.out}"
@@ -438,12 +510,15 @@ def command_train(args: argparse.Namespace) -> int:
     from unet_ray.pipelines.train import run_training
 
     config = config_from_args(args)
+    check_train_inputs(config)
     result = run_training(config)
     summary = {"best_checkpoint": result.best_checkpoint, **result.metrics}
     if result.threshold_search:
         summary["threshold_search"] = result.threshold_search
-    print(json.dumps(summary, indent=2))
-    print(f"outputs in {result.output}: metrics.csv, curves.png, tensorboard/, best/")
+    print(json.dumps(summary, indent=2))  # stdout holds only this JSON object
+    print(
+        f"outputs in {result.output}: metrics.csv, curves.png, tensorboard/, best/", file=sys.stderr
+    )
     return EXIT_OK
 
 
@@ -451,6 +526,7 @@ def command_tune(args: argparse.Namespace) -> int:
     from unet_ray.pipelines.tune import run_tuning
 
     config = tune_config_from_args(args, config_from_args(args))
+    check_train_inputs(config)
     summary = run_tuning(config)
     print(summary.table)
     print(f"outputs in {summary.output}: trials.csv, trials.png, best.yaml, best/")
@@ -458,14 +534,18 @@ def command_tune(args: argparse.Namespace) -> int:
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
+    from unet_ray.inference import select_device
     from unet_ray.pipelines.evaluate import evaluate_checkpoint
 
+    check_inputs(checkpoint=args.checkpoint, data=args.data)
+    tta = read_config_overrides(args.config, ("segment",))["segment"].get("tta")
     metrics = evaluate_checkpoint(
         absolute_path(args.checkpoint),
         absolute_path(args.data),
         split=args.split,
         overrides=lambda saved: instance_config_from_args(args, saved),
-        tta=args.tta,
+        tta=tta if args.tta is None else args.tta,
+        device=select_device(bool(getattr(args, "gpu", False))),
     )
     print(json.dumps(metrics, indent=2))
     return EXIT_OK
@@ -476,6 +556,7 @@ def command_thresholds(args: argparse.Namespace) -> int:
     from unet_ray.io.prepared import is_prepared
     from unet_ray.pipelines.thresholds import describe_search, search_checkpoint
 
+    check_inputs(checkpoint=args.checkpoint, data=args.data)
     checkpoint, data = absolute_path(args.checkpoint), absolute_path(args.data)
     output = absolute_path(args.output) or checkpoint.rstrip("/") + THRESHOLDS_SUFFIX
     if output.rstrip("/") == checkpoint.rstrip("/"):
@@ -509,6 +590,7 @@ def segment_main(args: argparse.Namespace) -> int:
     from unet_ray.pipelines.segment import run_segmentation
     from unet_ray.runtime.cluster import init_ray
 
+    check_inputs(checkpoint=args.checkpoint, input=args.input)  # before Ray starts
     # Ray's actors run in another working directory: local paths are the user's, made absolute
     for name in ("checkpoint", "input", "output"):
         setattr(args, name, absolute_path(getattr(args, name)))
@@ -539,83 +621,71 @@ def segment_main(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- parser
 
-THRESHOLDS_SUFFIX = "-thresholds"  # `unet-ray thresholds` writes CHECKPOINT-thresholds by default
 
+def command_export(args: argparse.Namespace) -> int:
+    from unet_ray.pipelines.export import export_checkpoint
 
-def add_thresholds_parser(commands) -> None:
-    thresholds = commands.add_parser(
-        "thresholds",
-        help="search the instance settings on annotated images; write a new checkpoint folder",
-        description="Predict each annotated image once with the checkpoint's model, search "
-        "threshold, the head's splitting parameter (core ratio or contour threshold) and minimum "
-        "size for the highest --metric, and write a checkpoint folder with the chosen values "
-        "(the weights copied unchanged). `evaluate` and `segment` use them.",
-    )
-    thresholds.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder")
-    thresholds.add_argument("data", metavar="DATA", help="DSB2018 layout or prepared shards")
-    thresholds.add_argument(
-        "--output",
-        help=f"new checkpoint folder (default: CHECKPOINT{THRESHOLDS_SUFFIX} beside it)",
-    )
-    thresholds.add_argument(
-        "--split",
-        choices=EVALUATE_SPLITS,
-        help="images to search on (default: all images of a DSB2018 layout; the validation "
-        "images of prepared shards)",
-    )
-    thresholds.add_argument(
-        "--metric",
-        choices=BEST_METRICS,
-        help="metric to maximise (default: the checkpoint's train.best_metric, dsb_score)",
-    )
-    thresholds.add_argument("--gpu", action="store_true", help="predict on the GPU")
-    add_tta_argument(thresholds)
-    thresholds.set_defaults(handler=command_thresholds)
+    check_inputs(checkpoint=args.checkpoint)
+    record = export_checkpoint(absolute_path(args.checkpoint), absolute_path(args.out), args.format)
+    print(json.dumps(record, indent=2))
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unet-ray",
         description="Train, tune and run a VGG16_bn U-Net for nucleus segmentation on Ray.",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="debug logging, with Ray's progress bars and INFO lines",
-    )
+    add_verbose_argument(parser)
+    add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     synth = commands.add_parser("synth", help="write a synthetic DSB2018-layout dataset")
-    synth.add_argument("out", metavar="OUT")
-    synth.add_argument("--count", type=int, default=24)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--min-side", type=int, default=64)
-    synth.add_argument("--max-side", type=int, default=320)
+    synth.add_argument("out", metavar="OUT", help="folder to write (DSB2018 layout)")
+    synth.add_argument("--count", type=int, default=24, help="images")
+    synth.add_argument("--seed", type=int, default=0, help="random seed")
+    synth.add_argument("--min-side", type=int, default=64, help="smallest image side, pixels")
+    synth.add_argument("--max-side", type=int, default=320, help="largest image side, pixels")
     synth.set_defaults(handler=command_synth)
 
     prepare = commands.add_parser(
         "prepare", help="DSB2018 layout (dir, .zip, s3://) -> Parquet shards"
     )
-    prepare.add_argument("src", metavar="SRC")
-    prepare.add_argument("out", metavar="OUT")
+    prepare.add_argument("src", metavar="SRC", help="DSB2018 layout: folder, .zip or s3://")
+    prepare.add_argument("out", metavar="OUT", help="output folder or s3:// prefix")
     prepare.add_argument("--tile", type=int, default=256, help="tile side (report: 256)")
-    prepare.add_argument("--val-fraction", type=float, default=0.15)
-    prepare.add_argument("--seed", type=int, default=0)
+    prepare.add_argument(
+        "--val-fraction", type=float, default=0.15, help="fraction of images held out"
+    )
+    prepare.add_argument("--seed", type=int, default=0, help="split seed")
+    prepare.add_argument(
+        "--mpp",
+        type=float,
+        help="microns per pixel of the images, recorded in dataset.json; training on the "
+        "shards records it in the checkpoint (default: none)",
+    )
     prepare.set_defaults(handler=command_prepare)
 
     train = commands.add_parser("train", help="train the U-Net on Ray Train (resumes a rerun)")
     add_train_arguments(train)
+    show_config_defaults(train, _TRAIN_OVERRIDES)
     train.set_defaults(handler=command_train)
 
     tune = commands.add_parser("tune", help="search scheduler, max lr and batch size on Ray Tune")
     add_train_arguments(tune)
     add_tune_arguments(tune)
+    show_config_defaults(tune, [*_TRAIN_OVERRIDES, *TUNE_FLAGS])
     tune.set_defaults(handler=command_tune)
 
     evaluate = commands.add_parser("evaluate", help="print a JSON object of metrics")
-    evaluate.add_argument("checkpoint", metavar="CHECKPOINT")
+    evaluate.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder")
     evaluate.add_argument("data", metavar="DATA", help="DSB2018 layout or prepared shards")
+    evaluate.add_argument(
+        "--config",
+        help="YAML config whose instances: section (and segment.tta) override the "
+        "checkpoint's values (flags override both; default: none)",
+    )
     evaluate.add_argument(
         "--split",
         default="val",
@@ -623,27 +693,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="images to score: val (default: the checkpoint's validation images), train, or "
         "all images of a raw DSB2018 layout",
     )
+    evaluate.add_argument(
+        "--gpu", action="store_true", help="predict on the GPU (strict: no CUDA is exit 2)"
+    )
     add_tta_argument(evaluate)
     add_instance_arguments(evaluate)
     evaluate.set_defaults(handler=command_evaluate)
 
-    add_thresholds_parser(commands)
+    add_thresholds_parser(commands, command_thresholds)
 
     segment = commands.add_parser("segment", help="segment an image collection on Ray Data")
     add_segment_arguments(segment)
     segment.set_defaults(handler=command_segment)
+    add_export_parser(commands, command_export)
+    for subcommand in commands.choices.values():
+        subcommand.formatter_class = HelpFormatter
+        add_verbose_argument(subcommand, top_level=False)  # -v also after the subcommand
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.verbose:
-        os.environ["UNET_RAY_VERBOSE"] = "1"  # read by unet_ray.runtime.cluster.init_ray
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    apply_verbose(args.verbose)
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as error:

@@ -17,6 +17,7 @@ SCHEDULERS = ("warm-restart", "cyclic", "constant")
 LOSSES = ("bce", "dice", "bce+dice")
 TILING_SCHEMES = ("default", "reference")
 EVALUATE_SPLITS = ("val", "train", "all")  # `unet-ray evaluate --split`
+EXPORT_FORMATS = ("torchscript", "onnx", "bioimageio")  # `unet-ray export --format`
 # what picks the best checkpoint (OUTPUT/best) and ranks Tune's trials: a validation metric of
 # `unet-ray evaluate` (instance metrics count nuclei; pixel F1 only overlap). Every one stays in
 # metrics.csv.
