@@ -5,7 +5,7 @@ import pytest
 
 from unet_ray.cli import build_parser, config_from_args
 from unet_ray.core.config import BEST_METRICS, Config
-from unet_ray.pipelines.train_loop import BEST_SCORE_METRIC, _record_epoch
+from unet_ray.pipelines.train_loop import BEST_SCORE_METRIC, LEGACY_SEARCH_METRIC, _record_epoch
 
 # (pixel_f1, dsb_score, f1_50) per epoch: the young model of `make demo` scores well on pixels
 # while it merges nuclei (epoch 2), then counts them better (epochs 3 and 4)
@@ -43,6 +43,9 @@ def test_the_selection_metric_picks_its_planted_best_epoch(best_metric):
     column = {"pixel_f1": 0, "dsb_score": 1, "f1_50": 2}[best_metric]
     running = [max(row[column] for row in PLANTED[: epoch + 1]) for epoch in range(len(PLANTED))]
     assert [row[BEST_SCORE_METRIC] for row in state["history"]] == running  # what ASHA compares
+    # searches started before `best_metric` ranked by the running best pixel F1: still reported,
+    # whatever the run selects by, so their restored schedulers find it
+    assert [row[LEGACY_SEARCH_METRIC] for row in state["history"]] == [0.40, 0.70, 0.70, 0.70]
 
 
 def test_the_default_is_the_dsb_score_and_ties_go_to_pixel_f1():
