@@ -16,7 +16,12 @@ from unet_ray.cli import (
     check_train_inputs,
     config_from_args,
 )
-from unet_ray.cli_args import HelpFormatter, add_verbose_argument, apply_verbose
+from unet_ray.cli_args import (
+    HelpFormatter,
+    add_verbose_argument,
+    apply_verbose,
+    human_lines_to_stderr,
+)
 
 SMOKE_TEST_FLAGS = {
     "epochs": 1,
@@ -50,7 +55,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"jobs/train.py: error: {error}", file=sys.stderr)
         return 2
-    result = run_training(config)
+    with human_lines_to_stderr():  # stdout: only the JSON below
+        result = run_training(config)
     print(json.dumps({"best_checkpoint": result.best_checkpoint, **result.metrics}, indent=2))
     return 0
 

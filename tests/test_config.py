@@ -1,5 +1,7 @@
 """Config dataclasses, YAML loading and CLI overrides."""
 
+import json
+
 import pytest
 
 from unet_ray.cli import build_parser, config_from_args, main
@@ -177,3 +179,37 @@ def test_train_flags_set_the_head_and_the_instance_settings(tmp_path):
     assert config.model.head == "mask+contour" and config.train.contour_weight == 2.0
     assert config.instances.threshold == 0.6 and config.instances.fill_holes is False
     assert config.instances.min_size == 16  # flags not given keep the config's values
+
+
+def test_data_mpp_is_a_config_field_and_must_be_positive(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("data:\n  mpp: 0.5\n")
+    assert load_config(path).data.mpp == 0.5  # the YAML the README shows is accepted
+    assert Config.from_dict({}).data.mpp is None  # not recorded unless given
+    for bad in (0, -0.25, "half"):
+        with pytest.raises(ValueError, match="data.mpp"):
+            Config.from_dict({"data": {"mpp": bad}})
+
+
+def test_train_takes_the_pixel_size_prepare_recorded_unless_mpp_is_given(tmp_path):
+    """`prepare --mpp` writes it into dataset.json; `train --data SHARDS` records it in the
+    checkpoint's config; `train --mpp` wins over it."""
+    from unet_ray.io.prepared import (
+        DATASET_FORMAT,
+        DATASET_INFO_FILE,
+        dataset_mpp,
+        record_dataset_mpp,
+    )
+
+    shards = tmp_path / "prepared"
+    shards.mkdir()
+    (shards / DATASET_INFO_FILE).write_text(json.dumps({"format": DATASET_FORMAT}))
+    assert dataset_mpp(str(shards)) is None
+    record_dataset_mpp(str(shards), 0.325)
+    assert json.loads((shards / DATASET_INFO_FILE).read_text())["mpp"] == 0.325
+    assert dataset_mpp(str(shards)) == 0.325
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["train", "--data", str(shards)])).data.mpp == 0.325
+    flags = ["train", "--data", str(shards), "--mpp", "0.5"]
+    assert config_from_args(parse(flags)).data.mpp == 0.5
+    assert config_from_args(parse(["train"])).data.mpp is None  # synthetic data: not recorded

@@ -27,6 +27,7 @@ from unet_ray.cli_args import (
     apply_verbose,
     check_inputs,
     config_overrides,
+    human_lines_to_stderr,
     show_config_defaults,
 )
 from unet_ray.core.config import (
@@ -104,6 +105,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     parser.add_argument("--max-failures", type=int, help="worker failures survived by resuming")
+    add_model_arguments(parser)
+    add_selection_arguments(parser)
+    add_instance_arguments(parser)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The network, its encoder weights and how its layers learn (train, tune, jobs)."""
     parser.add_argument(
         "--encoder-weights",
         metavar="imagenet|none|PATH",
@@ -148,8 +156,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--contour-weight", type=float, help="mask+contour: weight of the contour loss"
     )
-    add_selection_arguments(parser)
-    add_instance_arguments(parser)
 
 
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -303,7 +309,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     values["train"]["output"] = absolute_path(values["train"]["output"])
     if values["model"]["encoder_weights"] not in (ENCODER_IMAGENET, ENCODER_NONE):
         values["model"]["encoder_weights"] = absolute_path(values["model"]["encoder_weights"])
-    if data["mpp"] is None and data["source"] is not None:
+    source = data["source"]
+    if data["mpp"] is None and source and (source.startswith("s3://") or os.path.isdir(source)):
         from unet_ray.io.prepared import dataset_mpp
 
         data["mpp"] = dataset_mpp(data["source"])  # `prepare --mpp` recorded it
@@ -486,13 +493,13 @@ def command_synth(args: argparse.Namespace) -> int:
 
 
 def command_prepare(args: argparse.Namespace) -> int:
+    check_inputs(source=args.src)  # inputs first: a typo costs neither imports nor Ray
+    if args.mpp is not None and args.mpp <= 0:
+        raise ValueError(f"--mpp {args.mpp} must be positive (microns per pixel)")
     from unet_ray.io.prepared import record_dataset_mpp
     from unet_ray.pipelines.data import prepare_dataset
     from unet_ray.runtime.cluster import init_ray
 
-    check_inputs(source=args.src)
-    if args.mpp is not None and args.mpp <= 0:
-        raise ValueError(f"--mpp {args.mpp} must be positive (microns per pixel)")
     init_ray()
     info = prepare_dataset(
         absolute_path(args.src), absolute_path(args.out), args.tile, args.val_fraction, args.seed
@@ -507,11 +514,12 @@ def command_prepare(args: argparse.Namespace) -> int:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from unet_ray.pipelines.train import run_training
-
     config = config_from_args(args)
     check_train_inputs(config)
-    result = run_training(config)
+    from unet_ray.pipelines.train import run_training
+
+    with human_lines_to_stderr():
+        result = run_training(config)
     summary = {"best_checkpoint": result.best_checkpoint, **result.metrics}
     if result.threshold_search:
         summary["threshold_search"] = result.threshold_search
@@ -523,10 +531,10 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def command_tune(args: argparse.Namespace) -> int:
-    from unet_ray.pipelines.tune import run_tuning
-
     config = tune_config_from_args(args, config_from_args(args))
     check_train_inputs(config)
+    from unet_ray.pipelines.tune import run_tuning
+
     summary = run_tuning(config)
     print(summary.table)
     print(f"outputs in {summary.output}: trials.csv, trials.png, best.yaml, best/")
@@ -534,43 +542,45 @@ def command_tune(args: argparse.Namespace) -> int:
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
+    check_inputs(checkpoint=args.checkpoint, data=args.data)
     from unet_ray.inference import select_device
     from unet_ray.pipelines.evaluate import evaluate_checkpoint
 
-    check_inputs(checkpoint=args.checkpoint, data=args.data)
     tta = read_config_overrides(args.config, ("segment",))["segment"].get("tta")
-    metrics = evaluate_checkpoint(
-        absolute_path(args.checkpoint),
-        absolute_path(args.data),
-        split=args.split,
-        overrides=lambda saved: instance_config_from_args(args, saved),
-        tta=tta if args.tta is None else args.tta,
-        device=select_device(bool(getattr(args, "gpu", False))),
-    )
+    with human_lines_to_stderr():
+        metrics = evaluate_checkpoint(
+            absolute_path(args.checkpoint),
+            absolute_path(args.data),
+            split=args.split,
+            overrides=lambda saved: instance_config_from_args(args, saved),
+            tta=tta if args.tta is None else args.tta,
+            device=select_device(bool(getattr(args, "gpu", False))),
+        )
     print(json.dumps(metrics, indent=2))
     return EXIT_OK
 
 
 def command_thresholds(args: argparse.Namespace) -> int:
+    check_inputs(checkpoint=args.checkpoint, data=args.data)
     from unet_ray.inference import select_device
     from unet_ray.io.prepared import is_prepared
     from unet_ray.pipelines.thresholds import describe_search, search_checkpoint
 
-    check_inputs(checkpoint=args.checkpoint, data=args.data)
     checkpoint, data = absolute_path(args.checkpoint), absolute_path(args.data)
     output = absolute_path(args.output) or checkpoint.rstrip("/") + THRESHOLDS_SUFFIX
     if output.rstrip("/") == checkpoint.rstrip("/"):
         raise ValueError(f"--output {output} is the checkpoint itself: name a new folder")
     split = args.split or ("val" if is_prepared(data) else "all")
-    record = search_checkpoint(
-        checkpoint,
-        data,
-        output=output,
-        split=split,
-        device=select_device(bool(args.gpu)),
-        tta=args.tta,
-        metric=args.metric,
-    )
+    with human_lines_to_stderr():
+        record = search_checkpoint(
+            checkpoint,
+            data,
+            output=output,
+            split=split,
+            device=select_device(bool(args.gpu)),
+            tta=args.tta,
+            metric=args.metric,
+        )
     print(json.dumps({"checkpoint": output, **record}, indent=2))
     print(describe_search(record), file=sys.stderr)
     return EXIT_OK
@@ -585,12 +595,12 @@ def segment_main(args: argparse.Namespace) -> int:
 
     Bad flags and an OUTPUT that cannot be written raise ValueError before Ray starts.
     """
+    check_inputs(checkpoint=args.checkpoint, input=args.input)  # before any import or Ray
     from unet_ray import io
     from unet_ray.io.checkpoint import read_checkpoint_info
     from unet_ray.pipelines.segment import run_segmentation
     from unet_ray.runtime.cluster import init_ray
 
-    check_inputs(checkpoint=args.checkpoint, input=args.input)  # before Ray starts
     # Ray's actors run in another working directory: local paths are the user's, made absolute
     for name in ("checkpoint", "input", "output"):
         setattr(args, name, absolute_path(getattr(args, name)))
@@ -623,10 +633,13 @@ def segment_main(args: argparse.Namespace) -> int:
 
 
 def command_export(args: argparse.Namespace) -> int:
+    check_inputs(checkpoint=args.checkpoint)
     from unet_ray.pipelines.export import export_checkpoint
 
-    check_inputs(checkpoint=args.checkpoint)
-    record = export_checkpoint(absolute_path(args.checkpoint), absolute_path(args.out), args.format)
+    with human_lines_to_stderr():
+        record = export_checkpoint(
+            absolute_path(args.checkpoint), absolute_path(args.out), args.format
+        )
     print(json.dumps(record, indent=2))
     return EXIT_OK
 

@@ -10,8 +10,10 @@ nor pyarrow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterable
 
 from unet_ray import __version__
@@ -19,6 +21,7 @@ from unet_ray.core.config import BEST_METRICS, EVALUATE_SPLITS, EXPORT_FORMATS, 
 
 VERBOSE_ENV = "UNET_RAY_VERBOSE"  # read by unet_ray.runtime.cluster (its VERBOSE_ENV)
 VERBOSE_HELP = "debug logging, with Ray's progress bars and INFO lines (default: off)"
+S3_PREFIX = "s3://"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -89,17 +92,27 @@ def apply_verbose(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT)
 
 
+def human_lines_to_stderr() -> contextlib.AbstractContextManager:
+    """While a command that answers in JSON works: everything printed to stdout (progress
+    lines, Ray's forwarded worker output) goes to stderr, so that stdout holds only the JSON
+    printed after it (``unet-ray train > result.json``)."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 def check_inputs(**paths: str | None) -> None:
     """Raise ``InputError`` naming the first path that does not exist (local, or an s3://
     object or prefix), keyword = what it is (``checkpoint``, ``input`` ...); None is skipped.
     Run before Ray starts, so a typo costs no cluster start."""
-    from unet_ray.io.files import exists, is_s3  # here: pyarrow stays out of `--help`
-
     for what, path in paths.items():
         if path is None:
             continue
         try:
-            found = exists(path) if is_s3(path) else os.path.exists(os.path.expanduser(path))
+            if str(path).startswith(S3_PREFIX):
+                from unet_ray.io.files import exists  # here: a local check imports no pyarrow
+
+                found = exists(path)
+            else:
+                found = os.path.exists(os.path.expanduser(path))
         except OSError as error:  # S3 unreachable, no credentials: the job tells its own error
             logging.getLogger(__name__).debug("could not check %s %s: %s", what, path, error)
             continue
