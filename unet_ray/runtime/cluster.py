@@ -6,9 +6,11 @@ job (prepare, train, tune, segment) starts Ray through ``init_ray``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
 import tempfile
 from typing import Any
 
@@ -109,21 +111,29 @@ def init_ray(min_cpus: int = 1) -> None:
         # Ray Train's placement-group cleaner (an actor) asks the state API, served by the
         # dashboard, without an address: with two local Ray instances on one machine it finds
         # both and gives up. Its address, passed to every worker, names ours.
-        dashboard_port = free_port()
-        api_server = f"http://127.0.0.1:{dashboard_port}"
-        os.environ[API_SERVER_ENV] = api_server
-        ray.init(
-            address="local",  # a new instance of our own, never another command's local Ray
-            num_cpus=max(os.cpu_count() or 1, min_cpus),
-            logging_config=logging_config,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=dashboard_port,
-            runtime_env=worker_runtime_env(api_server),
-        )
+        with dashboard_port_lock():  # two commands starting at once never pick the same port
+            dashboard_port = DASHBOARD_PORT if port_is_free(DASHBOARD_PORT) else free_port()
+            api_server = f"http://127.0.0.1:{dashboard_port}"
+            os.environ[API_SERVER_ENV] = api_server
+            ray.init(
+                address="local",  # a new instance of our own, never another command's local Ray
+                num_cpus=max(os.cpu_count() or 1, min_cpus),
+                logging_config=logging_config,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
+                runtime_env=worker_runtime_env(api_server),
+            )
+    # on stderr: stdout is the command's own result (train's JSON)
+    if api_server:
+        print(f"[unet_ray] Ray dashboard: {api_server}", file=sys.stderr, flush=True)
     if not is_verbose():
         quiet_ray_logging()  # ray.init configured Ray's loggers anew
-        print(f"[unet_ray] Ray's own logs: {ray_log_folder()} (--verbose shows them)", flush=True)
+        print(
+            f"[unet_ray] Ray's own logs: {ray_log_folder()} (--verbose shows them)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def worker_runtime_env(api_server: str | None) -> dict[str, Any]:
@@ -149,6 +159,35 @@ def cluster_api_server(address: str) -> str | None:
     except Exception as error:  # no dashboard, or not reachable: Ray's own lookup stays
         logger.debug("no state API address for %s: %s", address, error)
         return None
+
+
+DASHBOARD_PORT = 8265  # Ray's usual dashboard port: local Ray uses it when free
+PORT_LOCK_FILE = os.path.join(tempfile.gettempdir(), "unet_ray_dashboard_port.lock")
+
+
+@contextlib.contextmanager
+def dashboard_port_lock():
+    """Held while a command picks its dashboard port and starts Ray (the dashboard listens
+    once ``ray.init`` returns), so that commands started together take different ports."""
+    import fcntl
+
+    with open(PORT_LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:``port`` now (bindable, as Ray checks it)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:
