@@ -46,6 +46,7 @@ from unet_ray.io.slide_reader import (
 from unet_ray.io.slide_synth import Patch, tissue_patches, write_synthetic_slide
 from unet_ray.io.slide_writers import part_uri
 from unet_ray.io.synth import generate_sample
+from unet_ray.io.writers import feature_id
 from unet_ray.pipelines import slides
 from unet_ray.pipelines.segment import run_segmentation
 from unet_ray.pipelines.slide_regions import (
@@ -468,7 +469,7 @@ def test_outputs_are_pyramidal_and_label_ids_agree_across_files(job):
     table = pq.read_table(output / "seams.nuclei.parquet").to_pandas()
     assert sorted(table["label"]) == list(range(1, nuclei + 1))
     areas = np.bincount(labels.ravel())[1:]
-    assert np.array_equal(table.sort_values("label")["area"].to_numpy(), areas)
+    assert np.array_equal(table.sort_values("label")["area_px"].to_numpy(), areas)
     geojson = json.loads((output / "seams.geojson").read_text())
     feature_labels = sorted(
         feature["properties"]["measurements"]["label"] for feature in geojson["features"]
@@ -626,14 +627,15 @@ def test_gzipped_geojson_holds_slide_wide_labels(tmp_path):
     image = np.zeros((256, 256, 3), np.uint8)
     io.write_bytes_atomic(
         part_uri(plan, region.key),
-        slide_writers.encode_region_part(kept, image, region, 1.0),
+        slide_writers.encode_region_part(kept, image, None, region, plan),
     )
     parts = slide_writers.PartCache(plan)
     slide_writers.write_geojson(plan, parts, {region.key: 5}, path, gzipped=True)
     with gzip.open(path, "rt") as stream:
         features = json.load(stream)["features"]
     assert [feature["properties"]["measurements"]["label"] for feature in features] == [6, 7]
-    assert features[1]["properties"]["measurements"]["area_pixels"] == 300
+    assert features[1]["properties"]["measurements"]["area_px"] == 300
+    assert [feature["id"] for feature in features] == [feature_id("x", 6), feature_id("x", 7)]
     shutil.rmtree(plan.parts_uri)
 
 

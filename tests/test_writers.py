@@ -101,7 +101,7 @@ def test_geojson_areas_agree_with_label_areas():
     for feature in geojson_from_labels(labels)["features"]:
         label = feature["properties"]["measurements"]["label"]
         pixels = int((labels == label).sum())
-        assert feature["properties"]["measurements"]["area_pixels"] == pixels
+        assert feature["properties"]["measurements"]["area_px"] == pixels
         area = polygon_area(feature["geometry"])
         assert abs(area - pixels) / pixels < AREA_TOLERANCE, (label, area, pixels)
 
@@ -115,7 +115,7 @@ def test_geojson_areas_agree_on_watershed_labels_of_a_synthetic_image():
     pixel_total = int((labels > 0).sum())
     assert abs(polygon_total - pixel_total) / pixel_total < AREA_TOLERANCE
     for feature in features:
-        pixels = feature["properties"]["measurements"]["area_pixels"]
+        pixels = feature["properties"]["measurements"]["area_px"]
         if pixels >= 50:
             relative = abs(polygon_area(feature["geometry"]) - pixels) / pixels
             assert relative < 2 * AREA_TOLERANCE
@@ -149,15 +149,16 @@ def test_nuclei_csv_rows_match_the_labels():
     rows = parse_csv(encode_nuclei_csv(labels, image))
     assert list(rows[0]) == list(NUCLEI_COLUMNS)
     first, second = rows
-    assert (first["label"], first["area"], second["area"]) == ("1", "40", "15")
-    assert float(first["centroid_x"]) == pytest.approx(15.0)  # columns 10..19 -> centre 15
-    assert float(first["centroid_y"]) == pytest.approx(4.0)  # rows 2..5 -> centre 4
-    assert (first["min_x"], first["min_y"], first["max_x"], first["max_y"]) == (
+    assert (first["label"], first["area_px"], second["area_px"]) == ("1", "40", "15")
+    assert float(first["centroid_x_px"]) == pytest.approx(15.0)  # columns 10..19 -> centre 15
+    assert float(first["centroid_y_px"]) == pytest.approx(4.0)  # rows 2..5 -> centre 4
+    assert (first["min_x_px"], first["min_y_px"], first["max_x_px"], first["max_y_px"]) == (
         "10",
         "2",
         "20",
         "6",
     )
+    assert first["area_um2"] == first["centroid_x_um"] == ""  # no pixel size: blank
     assert float(first["mean_intensity"]) == pytest.approx(60.0)
     assert float(first["mean_blue"]) == pytest.approx(90.0)
     assert float(second["mean_intensity"]) == pytest.approx(200.0)

@@ -62,6 +62,7 @@ class SlideReader:
         self.level_downsamples = [float(factor) for factor in self._slide.level_downsamples]
         self.width, self.height = self.level_dimensions[0]
         self.mpp = slide_mpp(self._slide.properties)
+        self.bounds = slide_bounds(self._slide.properties, self.width, self.height)
 
     def read(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
         """``height x width`` RGB uint8 pixels of ``level`` whose top-left corner is (``left``,
@@ -148,6 +149,31 @@ def slide_mpp(properties) -> float | None:
         if value > 0:
             values.append(value)
     return float(np.mean(values)) if values else None
+
+
+BOUNDS_KEYS = ("bounds-x", "bounds-y", "bounds-width", "bounds-height")
+BOUNDS_PREFIXES = ("openslide.", "tiffslide.")  # OpenSlide's names, then tiffslide's
+
+
+def slide_bounds(properties, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """(x, y, width, height) of a bounded slide's non-empty area on level 0, as OpenSlide
+    (``openslide.bounds-*``) or tiffslide (``tiffslide.bounds-*``) reports it (Leica SCN, MIRAX,
+    ...); QuPath crops such a slide to its bounds, so its (0, 0) is level-0 (x, y). None when
+    the slide states no bounds or they cover it whole."""
+    for prefix in BOUNDS_PREFIXES:
+        try:
+            values = [properties.get(prefix + key) for key in BOUNDS_KEYS]
+            if any(value in (None, "") for value in values[:2]):
+                continue
+            x, y = int(float(values[0])), int(float(values[1]))
+            bounds_width = int(float(values[2])) if values[2] not in (None, "") else width - x
+            bounds_height = int(float(values[3])) if values[3] not in (None, "") else height - y
+        except (TypeError, ValueError):
+            continue
+        if (x, y, bounds_width, bounds_height) == (0, 0, width, height):
+            return None
+        return x, y, bounds_width, bounds_height
+    return None
 
 
 def rgb_channels(pixels: np.ndarray, uri: str) -> np.ndarray:

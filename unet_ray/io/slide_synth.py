@@ -1,4 +1,5 @@
-"""Synthetic pyramidal slides (tiled, compressed OME-TIFF) for the slide tests and benchmark.
+"""Synthetic pyramidal slides (tiled, compressed OME-TIFF; Leica SCN for a bounded slide) for the
+slide tests and benchmark.
 
 A slide is a plain background with synthetic H&E tissue patches (``unet_ray.io.synth``) pasted on
 it; it is written tile by tile, every level from the patches, so a 16k x 16k slide never exists
@@ -125,3 +126,103 @@ def write_synthetic_slide(
                 **options,
             )
     return len(factors)
+
+
+SCN_NAMESPACE = "http://www.leica-microsystems.com/scn/2010/10/01"
+SCN_MACRO_FACTOR = 16  # the macro image (the whole glass) is this much smaller than level 0
+NM_PER_UM = 1000
+
+
+def write_leica_scn(
+    path: str,
+    height: int,
+    width: int,
+    bounds: tuple[int, int, int, int],
+    patches: list[Patch],
+    mpp: float = 0.5,
+    tile: int = SLIDE_TILE,
+) -> int:
+    """Write a Leica SCN slide: a ``height x width`` (level-0 px) glass whose scanned image
+    covers only ``bounds`` = (x, y, width, height), as Leica scanners write it. OpenSlide and
+    tiffslide report that area as the slide's bounds (``openslide.bounds-*``,
+    ``tiffslide.bounds-*``); level 0 is the whole glass, empty outside the bounds, and QuPath
+    crops to them. ``patches`` are placed relative to the scanned image. The scanned image is a
+    pyramid halved down to ``SMALLEST_LEVEL_SIDE``; returns its number of levels."""
+    import tifffile
+
+    left, top, image_width, image_height = bounds
+    nm = round(mpp * NM_PER_UM)  # nanometres per level-0 pixel
+    factors = [1]
+    while max(image_height, image_width) // (factors[-1] * 2) >= SMALLEST_LEVEL_SIDE:
+        factors.append(factors[-1] * 2)
+    macro_height, macro_width = -(-height // SCN_MACRO_FACTOR), -(-width // SCN_MACRO_FACTOR)
+    dimensions = "".join(
+        f'<dimension sizeX="{-(-image_width // factor)}" sizeY="{-(-image_height // factor)}" '
+        f'r="{index}" ifd="{index + 1}"/>'
+        for index, factor in enumerate(factors)
+    )
+    images = [
+        scn_image("macro", 0.0, macro_width, macro_height, width * nm, height * nm, 0, 0, 0, ""),
+        scn_image(
+            "main",
+            20.0,
+            image_width,
+            image_height,
+            image_width * nm,
+            image_height * nm,
+            left * nm,
+            top * nm,
+            None,
+            dimensions,
+        ),
+    ]
+    description = (
+        f'<?xml version="1.0" encoding="utf-8"?>\n<scn xmlns="{SCN_NAMESPACE}">'
+        f'<collection name="synthetic" sizeX="{width * nm}" sizeY="{height * nm}">'
+        f"{''.join(images)}</collection></scn>"
+    )
+    with tifffile.TiffWriter(path, bigtiff=True) as tiff:
+        macro = np.empty((macro_height, macro_width, 3), dtype=np.uint8)
+        macro[:] = BACKGROUND
+        tiff.write(macro, photometric="rgb", description=description, metadata=None)
+        for factor in factors:
+            level_height, level_width = -(-image_height // factor), -(-image_width // factor)
+            tiff.write(
+                level_tiles(level_patches(patches, factor), level_height, level_width, tile),
+                shape=(level_height, level_width, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="zlib",
+                metadata=None,
+            )
+    return len(factors)
+
+
+def scn_image(
+    name: str,
+    objective: float,
+    width: int,
+    height: int,
+    view_width_nm: int,
+    view_height_nm: int,
+    offset_x_nm: int,
+    offset_y_nm: int,
+    ifd: int | None,
+    dimensions: str,
+) -> str:
+    """One ``<image>`` of an SCN collection: its pixels (``dimensions``, or one level at
+    ``ifd``) and where it lies on the glass (its view, in nanometres)."""
+    if ifd is not None:
+        dimensions = f'<dimension sizeX="{width}" sizeY="{height}" r="0" ifd="{ifd}"/>'
+    return (
+        f'<image name="{name}"><creationDate>2026-01-01T00:00:00.00Z</creationDate>'
+        '<device model="Leica SCN400;Leica SCN" version="1.5.1.10864"/>'
+        f'<pixels sizeX="{width}" sizeY="{height}">{dimensions}</pixels>'
+        f'<view sizeX="{view_width_nm}" sizeY="{view_height_nm}" offsetX="{offset_x_nm}" '
+        f'offsetY="{offset_y_nm}" spacingZ="0"/>'
+        f"<scanSettings><objectiveSettings><objective>{objective}</objective>"
+        "</objectiveSettings><illuminationSettings><numericalAperture>0.4</numericalAperture>"
+        "<illuminationSource>brightfield</illuminationSource></illuminationSettings>"
+        "</scanSettings></image>"
+    )

@@ -14,9 +14,13 @@ region-sized block of labels:
   levels are built first in a temporary local zarr store, block by block, then streamed tile by
   tile into the TIFF.
 - ``<stem>.geojson`` (``.geojson.gz`` above ``GEOJSON_GZIP_NUCLEI`` nuclei): QuPath detections,
-  streamed feature by feature, in level-0 slide pixels (they overlay the slide itself).
-- ``<stem>.nuclei.parquet``: one row per nucleus (label, area, centroid and bbox in level-0
-  pixels, mean colour, region), one row group per region.
+  streamed feature by feature, in level-0 pixels of QuPath's frame (a bounded slide's
+  ``bounds-x/-y`` subtracted, as QuPath crops such slides to their bounds), each with a
+  deterministic id, the Nucleus class and its colour, and its measurements.
+- ``<stem>.nuclei.parquet``: one row per nucleus (``SLIDE_COLUMNS``: label, id, position in the
+  slide's and in QuPath's frame, areas and shape in level-0 pixels and microns, mean
+  probability, mean colour, region), one row group per region; key-value metadata
+  (``table_metadata``) names the pixel size, frame scale, bounds, source, checkpoint, version.
 - ``<stem>.overlay.png``: nucleus outlines over a low-resolution view of the slide.
 - ``<stem>.slide.json``: the run's summary (regions done/skipped/failed, time split, per-actor
   peak memory), written last: its ``ok`` status marks the outputs complete.
@@ -35,7 +39,6 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from unet_ray.core.config import LABEL_TILE
 from unet_ray.core.regions import OVERVIEW_MAX_SIDE, Box
@@ -53,10 +56,14 @@ from unet_ray.io.slide_reader import SlideReader, read_overview
 from unet_ray.io.writers import (
     NUCLEI_COLUMNS,
     OUTLINE_COLOUR,
+    QUPATH_COLUMNS,
     STATUS_OK,
-    feature_for_object,
-    nuclei_table,
-    polygon_rings,
+    PixelGeometry,
+    column_units,
+    feature_id,
+    label_features,
+    measure_nuclei,
+    package_version,
 )
 
 LABELS_SUFFIX = ".labels.ome.tif"
@@ -68,7 +75,7 @@ GEOJSON_GZIP_NUCLEI = 100_000  # more nuclei than this: the GeoJSON is gzipped (
 TIFF_COMPRESSION = "zlib"
 LEVEL_BLOCK = 2048  # output pixels per side built at a time for each reduced level
 NEIGHBOURS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
-TABLE_COORDINATES = ("centroid_x", "centroid_y", "min_x", "min_y", "max_x", "max_y")
+SLIDE_COLUMNS = (*NUCLEI_COLUMNS, *QUPATH_COLUMNS, "region")  # the Parquet table's columns
 
 
 def output_names(stem: str, gzipped: bool = False) -> dict[str, str]:
@@ -113,42 +120,35 @@ def split_pieces(kept: np.ndarray, region) -> dict[str, np.ndarray]:
     return pieces
 
 
-def region_features(kept: np.ndarray, top: int, left: int, scale: float) -> list[str]:
-    """One GeoJSON Feature (JSON text) per nucleus, in level-0 pixels."""
-    lines = []
-    for index, slices in enumerate(ndimage.find_objects(kept), start=1):
-        if slices is None:
-            continue
-        object_mask = kept[slices] == index
-        rings = polygon_rings(object_mask, top + slices[0].start, left + slices[1].start)
-        if not rings:
-            continue
-        if scale != 1.0:
-            rings = [ring * scale for ring in rings]
-        feature = feature_for_object(index, int(object_mask.sum()), rings)
-        lines.append(json.dumps(feature, separators=(",", ":")))
-    return lines
+def region_geometry(plan, region) -> PixelGeometry:
+    """Where ``region``'s spill box lies: level-0 scale, pixel size, QuPath's offset."""
+    bounds = getattr(plan, "bounds", None) or (0, 0)
+    return PixelGeometry(
+        top=region.spill.top,
+        left=region.spill.left,
+        scale=plan.scale,
+        mpp=plan.mpp / plan.scale if plan.mpp else None,  # plan.mpp: microns per frame pixel
+        bounds_x=int(bounds[0]),
+        bounds_y=int(bounds[1]),
+    )
 
 
-def region_table(kept: np.ndarray, image: np.ndarray, top: int, left: int, scale: float):
-    """The nuclei table rows of one region, coordinates in level-0 pixels."""
-    rows = nuclei_table(kept, image)
-    for row in rows:
-        for key in TABLE_COORDINATES:
-            offset = left if key.endswith("_x") else top
-            row[key] = round((row[key] + offset) * scale, 3)
-    return rows
-
-
-def encode_region_part(kept: np.ndarray, image: np.ndarray, region, scale: float) -> bytes:
-    """One region's part: label pieces, GeoJSON features and table rows (local labels 1..K)."""
-    spill = region.spill
-    features = region_features(kept, spill.top, spill.left, scale)
-    table = region_table(kept, image, spill.top, spill.left, scale)
+def encode_region_part(
+    kept: np.ndarray, image: np.ndarray, probability: np.ndarray | None, region, plan
+) -> bytes:
+    """One region's part: label pieces, GeoJSON features and table rows (local labels 1..K;
+    ids are given once labels are slide-wide). ``kept``, ``image`` and ``probability`` (the
+    nucleus map) cover the region's spill box."""
+    geometry = region_geometry(plan, region)
+    rows = measure_nuclei(kept, image, probability, geometry)
+    features = [
+        json.dumps(feature, separators=(",", ":"))
+        for feature in label_features(kept, rows, geometry)
+    ]
     meta = {"nuclei": int(kept.max()) if kept.size else 0, "key": region.key}
     arrays = {name: piece for name, piece in split_pieces(kept, region).items()}
     arrays["features"] = np.frombuffer("\n".join(features).encode(), dtype=np.uint8)
-    arrays["table"] = np.frombuffer(json.dumps(table).encode(), dtype=np.uint8)
+    arrays["table"] = np.frombuffer(json.dumps(rows).encode(), dtype=np.uint8)
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buffer = bytes_io.BytesIO()
     np.savez_compressed(buffer, **arrays)
@@ -330,30 +330,50 @@ def write_geojson(plan, parts: PartCache, offsets, path: str, gzipped: bool) -> 
             parts.parts.pop(key, None)
             for line in text.splitlines():
                 feature = json.loads(line)
-                feature["properties"]["measurements"]["label"] += offsets[key]
+                label = feature["properties"]["measurements"]["label"] + offsets[key]
+                feature["properties"]["measurements"]["label"] = label
+                feature = {"type": "Feature", "id": feature_id(plan.stem, label), **feature}
                 stream.write(("" if first else ",") + json.dumps(feature, separators=(",", ":")))
                 first = False
         stream.write("]}\n")
 
 
-def table_schema():
+def table_schema(metadata: dict[str, str] | None = None):
     import pyarrow as pa
 
     types = {
         "label": pa.uint32(),
-        "area": pa.int64(),
+        "id": pa.string(),
         "intensity_dtype": pa.string(),
+        "region": pa.string(),
     }
-    fields = [pa.field(name, types.get(name, pa.float64())) for name in NUCLEI_COLUMNS]
-    return pa.schema([*fields, pa.field("region", pa.string())])
+    fields = [pa.field(name, types.get(name, pa.float64())) for name in SLIDE_COLUMNS]
+    return pa.schema(fields, metadata=metadata)
 
 
-def write_table(plan, parts: PartCache, offsets, path: str) -> None:
-    """The nuclei table as Parquet, one row group per region."""
+def table_metadata(plan, summary: dict[str, Any]) -> dict[str, str]:
+    """The Parquet file's key-value metadata: what its numbers mean and where they come from."""
+    bounds = getattr(plan, "bounds", None)
+    values = {
+        "source": plan.uri,
+        "checkpoint": summary.get("checkpoint"),
+        "version": package_version(),
+        "pixel_size_um": plan.mpp / plan.scale if plan.mpp else None,  # per level-0 pixel
+        "segmented_pixel_size_um": plan.mpp,
+        "frame_scale": plan.scale,  # level-0 pixels per segmented pixel
+        "bounds_px": list(bounds) if bounds else None,  # x, y, width, height on level 0
+        "qupath_offset_px": [bounds[0], bounds[1]] if bounds else [0, 0],
+        "units": column_units(SLIDE_COLUMNS),
+    }
+    return {f"unet_ray.{key}": json.dumps(value) for key, value in values.items()}
+
+
+def write_table(plan, parts: PartCache, offsets, path: str, metadata: dict[str, str]) -> None:
+    """The nuclei table as Parquet, one row group per region, labels and ids slide-wide."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = table_schema()
+    schema = table_schema(metadata)
     with pq.ParquetWriter(path, schema) as writer:
         for key in ordered_segmented(plan):
             rows = json.loads(bytes(parts.get(key)["table"]))
@@ -362,6 +382,7 @@ def write_table(plan, parts: PartCache, offsets, path: str) -> None:
                 continue
             for row in rows:
                 row["label"] += offsets[key]
+                row["id"] = feature_id(plan.stem, row["label"])
                 row["region"] = key
             writer.write_table(pa.Table.from_pylist(rows, schema=schema))
         if writer.is_open and not plan.to_segment:
@@ -428,7 +449,7 @@ def assemble_slide(plan, summary: dict[str, Any]) -> int:
         write_labels_tiff(levels, local["labels"], plan.mpp)
         write_overlay(plan, levels, local["overlay"])
         write_geojson(plan, parts, offsets, local["geojson"], gzipped)
-        write_table(plan, parts, offsets, local["nuclei"])
+        write_table(plan, parts, offsets, local["nuclei"], table_metadata(plan, summary))
         summary = {**summary, "seconds": dict(summary["seconds"])}
         summary["seconds"]["assemble_s"] = round(time.perf_counter() - started, 3)
         document = {
@@ -439,6 +460,7 @@ def assemble_slide(plan, summary: dict[str, Any]) -> int:
             "frame": {"height": plan.frame_height, "width": plan.frame_width},
             "mpp": plan.mpp,
             "level0_pixels_per_frame_pixel": plan.scale,
+            "bounds": getattr(plan, "bounds", None),  # x, y, width, height: QuPath's crop
             "region": plan.region,
             "halo": plan.halo,
             "label_levels": len(levels),

@@ -107,6 +107,7 @@ class SlidePlan:
     skipped: list[str]  # region keys without tissue
     done: list[str]  # region keys whose part already exists (resume)
     intensity: list[float] | None = None  # (low, high) of a 16-bit/float slide; None: 8-bit
+    bounds: list[int] | None = None  # a bounded slide's x, y, width, height: QuPath's crop
 
     def regions(self) -> list[Region]:
         return plan_regions(self.frame_height, self.frame_width, self.region, self.halo, self.spill)
@@ -162,7 +163,8 @@ def finish_region(
     labels = labels_from_maps(probabilities, instances)
     kept, cut = keep_owned_nuclei(labels, region, plan.frame_height, plan.frame_width)
     del labels
-    part = encode_region_part(kept, spill_image, region, plan.scale)
+    nucleus = probabilities[0][region.spill.within(region.window)]  # mean_probability
+    part = encode_region_part(kept, spill_image, nucleus, region, plan)
     post_done = time.time()
     io.write_bytes_atomic(part_uri(plan, region.key), part)
     ended = time.time()

@@ -84,11 +84,13 @@ from unet_ray.runtime.batch import (
     one_line,
     post_task_cpus,
 )
+from unet_ray.runtime.progress import Progress
 
 logger = logging.getLogger(__name__)
 
 MPP_MISMATCH_RATIO = 1.5  # warn when segmenting this much finer/coarser than the model learnt
 PARTS_SIGNATURE = "signature.json"  # in the parts folder: the settings its parts were made with
+PART_FORMAT = 2  # parts of another format are redone (2: shape features, probability, frames)
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -157,9 +159,12 @@ def parts_signature(
 ) -> dict[str, Any]:
     """What finished parts depend on: a rerun reuses them only when all of it is unchanged."""
     return {
+        "part_format": PART_FORMAT,
         "checkpoint": str(checkpoint),
         "frame": [plan.frame_height, plan.frame_width],
         "scale": plan.scale,
+        "mpp": plan.mpp,
+        "bounds": plan.bounds,
         "region": plan.region,
         "halo": plan.halo,
         "spill": plan.spill,
@@ -238,6 +243,7 @@ def plan_slide(
         skipped=[region.key for region in regions if region.key not in set(with_tissue)],
         done=[],
         intensity=list(reader.intensity) if reader.intensity is not None else None,
+        bounds=list(reader.bounds) if reader.bounds is not None else None,
     )
     finished = existing_parts(plan.parts_uri) if not segment.overwrite else set()
     plan.done = [key for key in with_tissue if key in finished]
@@ -307,7 +313,9 @@ def run_region_job(
     on_slide_done: Callable[[SlidePlan, list[dict[str, Any]]], None],
 ) -> None:
     """Segment every pending region of ``plans`` on the actor pool; call ``on_slide_done(plan,
-    its result rows)`` as soon as the last region of a slide reports (rows of this run only)."""
+    its result rows)`` as soon as the last region of a slide reports (rows of this run only).
+    Progress on the console: regions done / total (resumed ones count as done) and the nuclei
+    found so far, as a bar on a terminal, a line every few regions otherwise."""
     tasks = region_tasks(plans)
     by_uri = {plan.uri: plan for plan in plans}
     pending = {plan.uri: len(plan.to_segment) - len(plan.done) for plan in plans}
@@ -318,7 +326,9 @@ def run_region_job(
     if not tasks:
         return
     stopped = ""
-    with job_data_context():
+    total = sum(len(plan.to_segment) for plan in plans)
+    progress = Progress("slides", total, unit="region", initial=total - len(tasks))
+    with job_data_context(), progress:
         dataset = build_region_dataset(checkpoint, tasks, segment, instances, cpus_per_worker)
         try:
             for row in dataset.iter_rows():
@@ -326,13 +336,14 @@ def run_region_job(
                 uri = str(row["slide"])
                 results[uri].append(row)
                 pending[uri] -= 1
-                logger.info(
+                logger.debug(
                     "slide %s region %s: %s %s",
                     uri,
                     row["region"],
                     row["status"],
                     row["message"] or f"({row['nuclei']} nuclei)",
                 )
+                progress.update(summary=regions_progress(results))
                 if pending[uri] == 0:
                     on_slide_done(by_uri[uri], results[uri])
         except Exception as error:  # the pool broke: the regions not reported are failures
@@ -350,6 +361,14 @@ def run_region_job(
             )
             results[uri] += [failed_region_row(uri, key, message) for key in missing]
             on_slide_done(plan, results[uri])
+
+
+def regions_progress(results: dict[str, list[dict[str, Any]]]) -> str:
+    """``1234 nuclei, 1 failed``: the nuclei of the regions computed so far and the failures."""
+    rows = [row for slide_rows in results.values() for row in slide_rows]
+    failed = sum(str(row["status"]) != STATUS_OK for row in rows)
+    nuclei = sum(int(row["nuclei"]) for row in rows if str(row["status"]) == STATUS_OK)
+    return f"{nuclei} nuclei, {failed} failed"
 
 
 def summarise_regions(plan: SlidePlan, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -492,6 +511,7 @@ def segment_slides(
     def on_slide_done(plan: SlidePlan, region_rows: list[dict[str, Any]]) -> None:
         summary = summarise_regions(plan, region_rows)
         summary["seconds"]["plan_s"] = planning[plan.uri]
+        summary["checkpoint"] = str(checkpoint)  # in slide.json and the table's metadata
         if summary["regions_failed"]:
             write_error_summary(plan, summary)
             rows.append(
@@ -506,10 +526,12 @@ def segment_slides(
         assembling.append((plan, summary, assemble.remote(dataclasses.asdict(plan), summary)))
 
     run_region_job(checkpoint, plans, segment, instances, cpus_per_worker, on_slide_done)
+    progress = Progress("assemble", len(assembling), unit="slide") if assembling else None
     for plan, summary, reference in assembling:
         try:
             nuclei = ray.get(reference)
         except Exception as error:
+            progress.update(summary=f"{plan.stem}: failed")
             rows.append(
                 manifest_row(
                     plan.uri,
@@ -519,6 +541,7 @@ def segment_slides(
                 )
             )
             continue
+        progress.update(summary=f"{plan.stem}: {nuclei} nuclei")
         rows.append(
             manifest_row(
                 plan.uri,
@@ -528,6 +551,8 @@ def segment_slides(
                 time.perf_counter() - started[plan.uri],
             )
         )
+    if progress is not None:
+        progress.close()
     return rows
 
 
