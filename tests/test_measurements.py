@@ -170,3 +170,27 @@ def test_image_outputs_name_units_and_fill_microns_when_the_pixel_size_is_known(
     assert units["area_um2"] == "square microns"
     assert units["centroid_x_px"] == "level-0 pixels, the input's level 0"
     assert "eccentricity" not in units and "label" not in units
+
+
+def test_finish_image_writes_probability_and_microns_into_the_image_outputs(tmp_path):
+    """The image job's stage 2 (in process): the nucleus map's mean per nucleus and the image's
+    pixel size reach the nuclei CSV and the GeoJSON measurements."""
+    from unet_ray.core.config import InstanceConfig
+    from unet_ray.pipelines.segment import finish_image
+
+    rows, columns = np.indices((96, 96))
+    nucleus = np.zeros((96, 96), dtype=np.float16)
+    for centre_y, centre_x in ((30, 30), (60, 70)):
+        nucleus[(rows - centre_y) ** 2 + (columns - centre_x) ** 2 <= 10**2] = 0.875
+    image = np.full((96, 96, 3), 200, dtype=np.uint8)
+    count = finish_image(
+        "in/cells.png", str(tmp_path), image, nucleus[None], InstanceConfig(), None, 0.4
+    )
+    assert count == 2
+    table = list(csv.DictReader((tmp_path / "cells.nuclei.csv").open()))
+    for row in table:
+        assert float(row["mean_probability"]) == 0.875
+        assert float(row["area_um2"]) == pytest.approx(float(row["area_px"]) * 0.16, rel=1e-3)
+    features = json.loads((tmp_path / "cells.geojson").read_text())["features"]
+    assert [feature["id"] for feature in features] == [row["id"] for row in table]
+    assert all(f["properties"]["measurements"]["mean_probability"] == 0.875 for f in features)

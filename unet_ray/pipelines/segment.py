@@ -142,6 +142,7 @@ class SegmentActor:
             "probabilities": probabilities.astype(MAP_DTYPE),
             "image": image,
             "original": b"" if original is image else encode_array(original),
+            "mpp": self.segment.image_mpp or image_mpp or np.nan,  # the outputs' pixel size
             "infer_start": started,
             "infer_end": time.time(),
         }
@@ -190,8 +191,15 @@ class FinishImages:
             return {**plain_row(row), **timing(row, started)}
         try:
             original = decode_array(row["original"]) if len(row["original"]) else None
+            mpp = float(row["mpp"]) if np.isfinite(row["mpp"]) else None
             nuclei = finish_image(
-                uri, self.output_uri, row["image"], row["probabilities"], self.instances, original
+                uri,
+                self.output_uri,
+                row["image"],
+                row["probabilities"],
+                self.instances,
+                original,
+                mpp,
             )
         except Exception as error:  # one bad image must never abort the dataset
             failed = failed_row(uri, error, started)
@@ -217,6 +225,7 @@ def empty_maps() -> dict[str, Any]:
         "probabilities": np.zeros((0, 0, 0), dtype=MAP_DTYPE),
         "image": np.zeros((0, 0, 3), dtype=np.uint8),
         "original": b"",
+        "mpp": np.nan,
         "infer_start": now,
         "infer_end": now,
     }
@@ -260,11 +269,14 @@ def finish_image(
     probabilities: np.ndarray,
     instances: InstanceConfig,
     original: np.ndarray | None = None,
+    mpp: float | None = None,
 ) -> int:
-    """Label one image's C x H x W probabilities and write its five outputs; nuclei count."""
+    """Label one image's C x H x W probabilities and write its five outputs (``mpp``: the
+    image's microns per pixel, for the measurements in microns); nuclei count."""
     labels = labels_from_maps(probabilities, instances)
     mask = labels > 0  # the union of the nuclei: mask.png and labels.tif always agree
-    for name, data in encode_outputs(image, mask, labels, image_stem(uri), original).items():
+    outputs = encode_outputs(image, mask, labels, image_stem(uri), original, probabilities[0], mpp)
+    for name, data in outputs.items():
         io.write_bytes_atomic(io.join_uri(output_uri, name), data)
     return int(labels.max())
 
@@ -290,7 +302,8 @@ def segment_image_file(
         model_scale(segment.image_mpp or image_mpp, model_mpp),
         lambda pixels: image_probabilities(pixels, predict_batch, segment),
     )
-    return finish_image(uri, output_uri, image, probabilities, instances, original)
+    mpp = segment.image_mpp or image_mpp
+    return finish_image(uri, output_uri, image, probabilities, instances, original, mpp)
 
 
 # ----------------------------------------------------------------------------- the driver
