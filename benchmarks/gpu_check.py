@@ -37,6 +37,7 @@ OUT_ENV = "GPU_CHECK_OUT"
 DEFAULT_OUT = "gpu_check"
 SAMPLE_INTERVAL_S = 0.5  # GPU utilisation sampling period
 SMI_QUERY = "utilization.gpu,memory.used"
+DRY_RUN_REGION = 512  # slide region side of the dry run: its 768-px slide is still 4 regions
 
 # (GPU run, dry run) sizes of every step
 SIZES = {
@@ -54,8 +55,8 @@ SIZES = {
         "plain_batches": (2, 4),
         "plain_side": 64,
         "plain_steps": (1, 2),
-        "collection": {"count": 3, "side": 192},
-        "slide_side": 1536,
+        "collection": {"count": 2, "side": 128},
+        "slide_side": 768,
         "segment": {"workers": 1, "actors_per_gpu": 1, "batch_size": 4},
     },
 }
@@ -225,7 +226,7 @@ def run_ray_training(out: Path, sizes: dict, use_gpu: bool) -> dict:
         "wall_s": round(seconds, 1),
         "epoch_s": [float(row["seconds"]) for row in history],
         "steps_per_epoch": steps,
-        "images_per_s": round(steps * train["batch"] / last, 1),
+        "images_per_s": significant(steps * train["batch"] / last),
         "checkpoint": str(output / "best"),
         **sampler.summary(),
     }
@@ -283,7 +284,7 @@ def run_plain_steps(sizes: dict, use_gpu: bool) -> dict:
             synchronise(device)
             seconds = time.perf_counter() - started
         results[str(batch)] = {
-            "images_per_s": round(batch * timed / seconds, 1),
+            "images_per_s": significant(batch * timed / seconds),
             "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20)
             if use_gpu
             else None,
@@ -361,7 +362,7 @@ def run_segmentation_step(checkpoint: str, source: Path, output: Path, sizes: di
         actors_per_gpu=sizes["segment"]["actors_per_gpu"] if use_gpu else 1,
         batch_size=sizes["segment"]["batch_size"],
     )
-    slide = SlideConfig(region=1024) if not use_gpu else SlideConfig()
+    slide = SlideConfig() if use_gpu else SlideConfig(region=DRY_RUN_REGION)
     shutil.rmtree(output, ignore_errors=True)
     started = time.perf_counter()
     with GpuSampler() as sampler:
@@ -393,13 +394,18 @@ def run_segmentations(out: Path, checkpoint: str, sizes: dict, use_gpu: bool) ->
         results[name] = {
             "megapixels": round(pixels, 1),
             "seconds": round(seconds, 1),
-            "megapixels_per_s": round(pixels / seconds, 2),
+            "megapixels_per_s": significant(pixels / seconds),
             **gpu,
         }
     return results
 
 
 # ----------------------------------------------------------------------------- the table
+
+
+def significant(value: float, digits: int = 3) -> float:
+    """``value`` to ``digits`` significant digits (a dry run's 0.004 MP/s is not 0.0)."""
+    return float(f"{value:.{digits}g}")
 
 
 def format_table(results: dict) -> str:
@@ -423,7 +429,7 @@ def format_table(results: dict) -> str:
         )
 
     batch = results["sizes"]["train"]["batch"]
-    row(f"train img/s, Ray (unet-ray train, batch {batch})", train["images_per_s"], "", train)
+    row(f"train img/s, Ray (batch {batch}, epoch 2 with val.)", train["images_per_s"], "", train)
     for size, figures in plain.items():
         row(f"train img/s, plain PyTorch step, batch {size}", figures["images_per_s"], "", figures)
     ratio = (
@@ -460,16 +466,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     results = {"dry_run": args.dry_run, "environment": environment, "sizes": sizes}
-    print("[gpu-check] 1/3 unet-ray train, 2 epochs", flush=True)
-    results["train"] = run_ray_training(out, sizes, use_gpu)
-    print("[gpu-check] 2/3 plain PyTorch training steps", flush=True)
-    results["plain"] = run_plain_steps(sizes, use_gpu)
-    print("[gpu-check] 3/3 segmentation: collection and slide", flush=True)
-    results["segmentation"] = run_segmentations(out, results["train"]["checkpoint"], sizes, use_gpu)
+    steps = (
+        ("train", "unet-ray train, 2 epochs", lambda: run_ray_training(out, sizes, use_gpu)),
+        ("plain", "plain PyTorch training steps", lambda: run_plain_steps(sizes, use_gpu)),
+        (
+            "segmentation",
+            "segmentation: collection and slide",
+            lambda: run_segmentations(out, results["train"]["checkpoint"], sizes, use_gpu),
+        ),
+    )
+    results["step_s"] = {}
+    for number, (key, title, run) in enumerate(steps, start=1):
+        print(f"[gpu-check] {number}/{len(steps)} {title}", flush=True)
+        step_started = time.perf_counter()
+        results[key] = run()
+        results["step_s"][key] = round(time.perf_counter() - step_started, 1)
     results["total_s"] = round(time.perf_counter() - started, 1)
     table = format_table(results)
     print(table)
-    print(f"total {results['total_s']} s; figures in {out / 'gpu_check.json'}")
+    steps_line = ", ".join(f"{key} {value} s" for key, value in results["step_s"].items())
+    print(f"total {results['total_s']} s ({steps_line}); figures in {out / 'gpu_check.json'}")
     (out / "gpu_check.json").write_text(json.dumps({**results, "table": table}, indent=2))
     return 0
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DRY_RUN_TIMEOUT_S = 600
+DRY_RUN_TIMEOUT_S = 840  # ~3 min on an idle 2-core machine; far more under a loaded one
 
 
 def test_make_gpu_check_runs_the_script_with_dry_run_and_the_output_folder():
@@ -31,6 +31,7 @@ def test_make_gpu_check_runs_the_script_with_dry_run_and_the_output_folder():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(DRY_RUN_TIMEOUT_S + 60)
 def test_gpu_check_dry_run_measures_every_step_and_writes_the_table(tmp_path):
     out = tmp_path / "gpu_check"
     finished = subprocess.run(
@@ -51,6 +52,6 @@ def test_gpu_check_dry_run_measures_every_step_and_writes_the_table(tmp_path):
         assert results["segmentation"][name]["megapixels_per_s"] > 0
     manifest = (out / "slide_out" / "manifest.csv").read_text()
     assert "slide.ome.tif" in manifest and ",ok," in manifest
-    assert len(list((out / "collection_out").glob("*.labels.tif"))) == 3
+    assert len(list((out / "collection_out").glob("*.labels.tif"))) == 2
     for line in ("train img/s, Ray", "plain PyTorch step, batch 4", "segment MP/s, slide"):
         assert line in finished.stdout and line in results["table"]
