@@ -80,3 +80,18 @@ def test_on_a_terminal_one_bar_with_the_summary_and_lines_above_it():
     bars = [line for line in final if line.startswith(f"{PREFIX} train")]
     assert bars and "3/3" in bars[-1] and "val_f1 0.7000" in bars[-1]
     assert "100%" in bars[-1]
+
+
+def test_resumed_items_count_as_done_and_the_summary_rides_on_each_line():
+    """The slide job's use: regions of an earlier run count from the start; each line carries
+    the nuclei so far."""
+    stream = text_io.StringIO()
+    with Progress("slides", 6, unit="region", initial=4, stream=stream) as progress:
+        progress.update(summary="120 nuclei, 0 failed")
+        progress.update(summary="250 nuclei, 1 failed")
+    lines = stream.getvalue().splitlines()
+    assert [line.split("  ")[0] for line in lines] == [
+        f"{PREFIX} slides 5/6 regions",
+        f"{PREFIX} slides 6/6 regions",
+    ]
+    assert lines[-1].split("  ")[1] == "250 nuclei, 1 failed"
