@@ -66,8 +66,9 @@ def test_shape_features_against_hand_computed_values():
 
 def test_a_coarser_frame_is_measured_in_level_0_pixels_and_microns():
     """A label array segmented at half resolution (scale 2), placed at (top 10, left 20) of the
-    frame, on a 0.25 um/px slide whose bounds start at (7, 3): every length doubles, every area
-    quadruples, microns follow the level-0 pixel size, QuPath's frame subtracts the bounds."""
+    frame, on a 0.25 um/px slide whose bounds (where the frame and QuPath's start) are at (7, 3):
+    every length doubles, every area quadruples, microns follow the level-0 pixel size, level 0
+    adds the bounds to QuPath's frame."""
     labels = shapes()
     plain = by_label(measure_nuclei(labels, None))
     geometry = PixelGeometry(top=10, left=20, scale=2.0, mpp=0.25, bounds_x=7, bounds_y=3)
@@ -77,10 +78,13 @@ def test_a_coarser_frame_is_measured_in_level_0_pixels_and_microns():
         assert row["area_px"] == pytest.approx(4 * base["area_px"])
         assert row["area_um2"] == pytest.approx(row["area_px"] * 0.25**2)
         # (rounded to 0.001 before and after)
-        assert row["centroid_x_px"] == pytest.approx((base["centroid_x_px"] + 20) * 2, abs=3e-3)
-        assert row["centroid_y_px"] == pytest.approx((base["centroid_y_px"] + 10) * 2, abs=3e-3)
+        expected_x, expected_y = (base["centroid_x_px"] + 20) * 2, (base["centroid_y_px"] + 10) * 2
+        assert row["qupath_centroid_x_px"] == pytest.approx(expected_x, abs=3e-3)
+        assert row["qupath_centroid_y_px"] == pytest.approx(expected_y, abs=3e-3)
+        assert row["centroid_x_px"] == pytest.approx(expected_x + 7, abs=3e-3)
+        assert row["centroid_y_px"] == pytest.approx(expected_y + 3, abs=3e-3)
         assert row["centroid_x_um"] == pytest.approx(row["centroid_x_px"] * 0.25, abs=1e-3)
-        assert row["min_x_px"] == (base["min_x_px"] + 20) * 2
+        assert row["min_x_px"] == (base["min_x_px"] + 20) * 2 + 7
         for name in ("perimeter", "major_axis", "minor_axis"):
             assert row[f"{name}_px"] == pytest.approx(2 * base[f"{name}_px"], abs=2e-3)
             assert row[f"{name}_um"] == pytest.approx(row[f"{name}_px"] * 0.25, abs=1e-3)
@@ -132,15 +136,16 @@ def test_geojson_features_carry_id_class_colour_and_measurements():
 
 
 def test_geojson_polygons_lie_in_qupaths_frame_and_agree_with_the_areas():
-    """At scale 2 with a bounds offset, each polygon is the level-0 outline moved by the bounds,
-    and its area (shapely) agrees with ``area_px`` to 2 % for nuclei of >= 100 pixels."""
+    """At scale 2 on a bounded slide, each polygon is the outline scaled into QuPath's frame
+    (which starts at the bounds, as the segmented frame does), and its area (shapely) agrees
+    with ``area_px`` to 2 % for nuclei of >= 100 pixels."""
     labels = shapes()
     plain = geojson_from_labels(labels)["features"]
     geometry = PixelGeometry(top=4, left=6, scale=2.0, mpp=0.5, bounds_x=11, bounds_y=5)
     moved = geojson_from_labels(labels, "s", None, geometry)["features"]
     for before, after in zip(plain, moved, strict=True):
         ring = np.array(before["geometry"]["coordinates"][0])
-        expected = (ring + (6, 4)) * 2 - (11, 5)
+        expected = (ring + (6, 4)) * 2
         np.testing.assert_allclose(np.array(after["geometry"]["coordinates"][0]), expected)
         polygon = shapely.geometry.shape(after["geometry"])
         assert polygon.is_valid

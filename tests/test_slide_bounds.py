@@ -1,6 +1,7 @@
 """Bounded slides (Leica SCN here; MIRAX and others through OpenSlide): the reader takes the
-bounds from the slide's own properties, and the outputs put the nuclei in QuPath's frame (which
-crops to the bounds) while the table keeps both frames. Real SCN files written by
+bounds from the slide's own properties, only the bounds are segmented (the empty glass around
+them is never read), and the outputs put the nuclei in QuPath's frame (which crops to the bounds
+too) while the table keeps both frames. Real SCN files written by
 ``io.slide_synth``, read by tiffslide; regions assembled in process (no Ray: the Ray job on a
 bounded slide is in test_slides.py)."""
 
@@ -16,8 +17,9 @@ import tifffile
 
 from unet_ray import io
 from unet_ray.core.config import SegmentConfig, SlideConfig
+from unet_ray.core.regions import Box
 from unet_ray.io import slide_writers
-from unet_ray.io.slide_reader import SlideReader, slide_bounds
+from unet_ray.io.slide_reader import SlideReader, read_frame_window, read_overview, slide_bounds
 from unet_ray.io.slide_synth import tissue_patches, write_leica_scn
 from unet_ray.io.writers import feature_id
 from unet_ray.pipelines import slides
@@ -51,6 +53,15 @@ def test_the_reader_takes_the_bounds_from_the_slides_properties(scn_slide):
         x, y = BOUNDS[:2]
         np.testing.assert_array_equal(reader.read(0, x, y, 200, 100), scanned[:100, :200])
         assert reader.read(0, 0, 0, 64, 64).max() == 0  # outside the bounds: nothing scanned
+        # the frame starts at the bounds: at full and at half resolution
+        window = read_frame_window(reader, Box(10, 74, 20, 100), 1.0)
+        np.testing.assert_array_equal(window, scanned[10:74, 20:100])
+        half = read_frame_window(reader, Box(0, BOUNDS[3] // 2, 0, BOUNDS[2] // 2), 2.0)
+        assert half.shape == (BOUNDS[3] // 2, BOUNDS[2] // 2, 3)
+        assert half.min(axis=(0, 1)).max() > 0  # no black glass came in
+        overview = read_overview(reader, 96, 128)
+        reduced = scanned.reshape(96, 8, 128, 8, 3).mean(axis=(1, 3))
+        assert np.abs(overview.astype(float) - reduced).mean() < 4  # the scanned area only
     finally:
         reader.close()
 
@@ -92,11 +103,8 @@ def test_a_bounded_slide_at_half_resolution_is_written_in_qupaths_frame(scn_slid
     segment = SegmentConfig()
     plan = slides.plan_slide(path, str(tmp_path), SlideConfig(region=256, mpp=1.0), segment)
     assert plan.bounds == list(BOUNDS) and plan.scale == 2.0 and plan.mpp == 1.0
+    assert (plan.frame_height, plan.frame_width) == (BOUNDS[3] // 2, BOUNDS[2] // 2)
     by_key = plan.region_by_key()
-    for key in plan.to_segment:  # only regions over the scanned area hold tissue
-        core = by_key[key].core
-        assert core.right * 2 > BOUNDS[0] and core.bottom * 2 > BOUNDS[1]
-    assert plan.skipped  # the empty glass is skipped
     image = np.zeros((1, 1, 3), np.uint8)
     for key in plan.to_segment:
         region = by_key[key]
@@ -111,13 +119,16 @@ def test_a_bounded_slide_at_half_resolution_is_written_in_qupaths_frame(scn_slid
     assert len(features) == nuclei > 20
     table = pq.read_table(tmp_path / "bounded.nuclei.parquet").to_pandas().set_index("label")
     labels = tifffile.imread(tmp_path / "bounded.labels.ome.tif")
+    assert labels.shape == (BOUNDS[3] // 2, BOUNDS[2] // 2)  # QuPath's image, at --mpp
     frame_areas = np.bincount(labels.ravel())
+    extent = shapely.geometry.box(0, 0, BOUNDS[2], BOUNDS[3])
     for feature in features:
         measurements = feature["properties"]["measurements"]
         label = measurements["label"]
         row = table.loc[label]
         polygon = shapely.geometry.shape(feature["geometry"])
         assert polygon.is_valid and feature["id"] == row["id"] == feature_id("bounded", label)
+        assert extent.contains(polygon)
         assert measurements["area_px"] == row["area_px"] == 4 * frame_areas[label]
         assert abs(polygon.area - row["area_px"]) / row["area_px"] < AREA_AGREEMENT
         assert row["area_um2"] == pytest.approx(row["area_px"] * MPP**2)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import shapely.geometry
 import tifffile
 import torch
 from PIL import Image
@@ -43,7 +44,12 @@ from unet_ray.io.slide_reader import (
     read_frame_window,
     slide_intensity_range,
 )
-from unet_ray.io.slide_synth import Patch, tissue_patches, write_synthetic_slide
+from unet_ray.io.slide_synth import (
+    Patch,
+    tissue_patches,
+    write_leica_scn,
+    write_synthetic_slide,
+)
 from unet_ray.io.slide_writers import part_uri
 from unet_ray.io.synth import generate_sample
 from unet_ray.io.writers import feature_id
@@ -64,6 +70,7 @@ SLIDE_CONFIG = SlideConfig(region=REGION, halo=HALO)
 SEGMENT = SegmentConfig(workers=2, batch_size=4)
 TRAIN_STEPS = 8  # SGD steps on synthetic H&E: enough for steep, nucleus-shaped probabilities
 MATCH_IOU = 0.95
+AREA_AGREEMENT = 0.02  # GeoJSON polygon areas vs the table's area_px
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -597,6 +604,68 @@ def test_a_region_failing_after_inference_is_recorded_and_a_rerun_resumes(
     second = summary_of(output, "blocked")
     assert second["status"] == "ok" and second["nuclei"] > 0
     assert second["regions_computed"] == 1 and second["regions_resumed"] == 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_bounded_slide_at_half_resolution_opens_in_qupaths_frame(
+    ray_local, checkpoint, tmp_path, capsys
+):
+    """The issue's done criterion: a Leica SCN slide (bounds on its glass) segmented by the Ray
+    job at --mpp twice its pixel size. Only the bounds are segmented; its GeoJSON lies in
+    QuPath's frame (level 0 minus the bounds, where QuPath puts a bounded slide), each polygon's
+    area (shapely) agrees with its
+    area_px (level-0 pixels, not the segmented frame's) to 2 %, the table keeps both frames and
+    microns, and the console shows the regions' progress."""
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    bounds, mpp = (300, 160, 640, 512), 0.5
+    patches = tissue_patches([(0, 0, bounds[3], bounds[2])], seed=7)
+    write_leica_scn(str(inputs / "bounded.scn"), 900, 1100, bounds, patches, mpp=mpp)
+    slide = dataclasses.replace(SLIDE_CONFIG, mpp=2 * mpp)
+    summary = run_segmentation(
+        checkpoint, str(inputs), str(output), SEGMENT, InstanceConfig(), slide=slide
+    )
+    assert summary.exit_code == 0, summary.rows
+    features = json.loads((output / "bounded.geojson").read_text())["features"]
+    table = pq.read_table(output / "bounded.nuclei.parquet").to_pandas().set_index("label")
+    assert len(features) == len(table) > 20
+    polygons = {
+        f["properties"]["measurements"]["label"]: shapely.geometry.shape(f["geometry"])
+        for f in features
+    }
+    areas = table["area_px"]
+    polygon_areas = np.array([polygons[label].area for label in table.index])
+    relative = np.abs(polygon_areas - areas.to_numpy()) / areas.to_numpy()
+    total = abs(polygon_areas.sum() - areas.sum()) / areas.sum()
+    print(f"polygon vs area_px: total {total:.4f}, median {np.median(relative):.4f}")
+    assert total < AREA_AGREEMENT and np.median(relative) < AREA_AGREEMENT
+    assert relative[areas.to_numpy() >= 4 * 100].max() < AREA_AGREEMENT  # >= 100 frame px
+    labels = tifffile.imread(output / "bounded.labels.ome.tif")  # the segmented frame
+    assert labels.shape == (bounds[3] // 2, bounds[2] // 2)  # the bounds: QuPath's image
+    same = areas.to_numpy() == 4 * np.bincount(labels.ravel())[table.index]
+    assert same.mean() >= 0.95  # (a nucleus wider than the halo may lose pixels to another)
+    assert all(polygon.is_valid for polygon in polygons.values())
+    extent = shapely.geometry.box(0, 0, bounds[2], bounds[3])  # QuPath's image
+    assert all(extent.contains(polygon) for polygon in polygons.values())
+    assert np.allclose(table["qupath_centroid_x_px"], table["centroid_x_px"] - bounds[0])
+    assert np.allclose(table["qupath_centroid_y_px"], table["centroid_y_px"] - bounds[1])
+    assert np.allclose(table["area_um2"], table["area_px"] * mpp**2)
+    assert table["mean_probability"].between(0, 1).all()
+    assert table["mean_probability"].median() > 0.5  # the nuclei are what the model is sure of
+    shown = capsys.readouterr().out
+    assert "[unet_ray] slides 4/4 regions" in shown and "0 failed" in shown
+    assert "[unet_ray] assemble 1/1 slide  bounded:" in shown
+
+
+def test_region_progress_counts_nuclei_of_computed_regions_and_failures():
+    ok = {**empty_region_row("a", "r0000_c0000"), "nuclei": 12}
+    other = {**empty_region_row("b", "r0000_c0001"), "nuclei": 30}
+    failed = {**empty_region_row("b", "r0001_c0000"), "status": "error", "nuclei": 0}
+    counts = {"nuclei": 0, "failed": 0}
+    shown = [slides.regions_progress(counts, row) for row in (ok, failed, other)]
+    assert shown == ["12 nuclei, 0 failed", "12 nuclei, 1 failed", "42 nuclei, 1 failed"]
 
 
 def test_gzipped_geojson_holds_slide_wide_labels(tmp_path):

@@ -4,7 +4,9 @@
 (local or s3:// through fsspec), or through OpenSlide where the ``[slides]`` extra is installed.
 ``read_frame_window`` reads a box of the *frame* (the slide at the resolution segmented) from the
 finest pyramid level that suffices and resamples it; ``read_overview`` gives the low-resolution
-overview the tissue mask and the overlay use. Slides of more than 8 bits are scaled to RGB uint8
+overview the tissue mask and the overlay use. The frame covers the slide's ``extent``: all of
+level 0, or a bounded slide's bounds (``openslide.bounds-*``: the scanned part of the glass,
+which QuPath crops to), so nothing outside the scan is read and the frame's origin is QuPath's. Slides of more than 8 bits are scaled to RGB uint8
 with one percentile range per slide (``slide_intensity_range``), the whole-image path's rule.
 """
 
@@ -63,6 +65,11 @@ class SlideReader:
         self.width, self.height = self.level_dimensions[0]
         self.mpp = slide_mpp(self._slide.properties)
         self.bounds = slide_bounds(self._slide.properties, self.width, self.height)
+
+    @property
+    def extent(self) -> tuple[int, int, int, int]:
+        """(x, y, width, height) on level 0 of what is segmented: the bounds, else all of it."""
+        return self.bounds if self.bounds is not None else (0, 0, self.width, self.height)
 
     def read(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
         """``height x width`` RGB uint8 pixels of ``level`` whose top-left corner is (``left``,
@@ -219,10 +226,10 @@ def slide_intensity_range(reader: SlideReader) -> tuple[float, float] | None:
     are a little dimmer than the full resolution's)."""
     if reader.dtype == np.uint8:
         return None
-    scale = max(reader.width, reader.height) / INTENSITY_SAMPLE_SIDE
+    scale = max(reader.extent[2:]) / INTENSITY_SAMPLE_SIDE
     level = best_level(reader.level_downsamples, max(1.0, scale))
     downsample = reader.level_downsamples[level]
-    level_width, level_height = reader.level_dimensions[level]
+    origin_x, origin_y, level_width, level_height = level_extent(reader, level)
     step = max(1, math.ceil(math.sqrt(level_width * level_height / PERCENTILE_SAMPLE_PIXELS)))
     block = max(step, INTENSITY_BLOCK // step * step)  # a multiple of the step: one regular grid
     samples, unreadable = [], []
@@ -231,8 +238,8 @@ def slide_intensity_range(reader: SlideReader) -> tuple[float, float] | None:
             try:
                 pixels = reader.read_raw(
                     level,
-                    round(left * downsample),
-                    round(top * downsample),
+                    round((origin_x + left) * downsample),
+                    round((origin_y + top) * downsample),
                     min(block, level_width - left),
                     min(block, level_height - top),
                 )
@@ -252,6 +259,18 @@ def slide_intensity_range(reader: SlideReader) -> tuple[float, float] | None:
     return normalisation_range(np.concatenate(samples))
 
 
+def level_extent(reader: SlideReader, level: int) -> tuple[int, int, int, int]:
+    """The reader's ``extent`` in pixels of ``level``: (left, top, width, height), covering it
+    (rounded outwards) and clipped to the level."""
+    x, y, width, height = reader.extent
+    downsample = reader.level_downsamples[level]
+    level_width, level_height = reader.level_dimensions[level]
+    left, top = math.floor(x / downsample), math.floor(y / downsample)
+    right = min(level_width, math.ceil((x + width) / downsample))
+    bottom = min(level_height, math.ceil((y + height) / downsample))
+    return left, top, max(1, right - left), max(1, bottom - top)
+
+
 def best_level(downsamples: list[float], scale: float) -> int:
     """The coarsest pyramid level no coarser than ``scale`` (level pixels per frame pixel)."""
     candidates = [
@@ -262,19 +281,21 @@ def best_level(downsamples: list[float], scale: float) -> int:
 
 def read_frame_window(reader: SlideReader, box: Box, scale: float) -> np.ndarray:
     """The frame's pixels in ``box`` (RGB uint8), where one frame pixel is ``scale`` level-0
-    pixels: the best level is read and, unless it matches the frame, resampled (bilinear)."""
+    pixels and the frame starts at the reader's ``extent``: the best level is read and, unless
+    it matches the frame, resampled (bilinear)."""
     import cv2
 
     level = best_level(reader.level_downsamples, scale)
     downsample = reader.level_downsamples[level]
     ratio = scale / downsample  # level pixels per frame pixel, in [1, 2) unless upsampling
-    if abs(ratio - 1.0) < 1e-9:
-        left, top = round(box.left * scale), round(box.top * scale)
+    shift_x, shift_y = (offset / downsample for offset in reader.extent[:2])  # level pixels
+    first_x, first_y = box.left * ratio + shift_x, box.top * ratio + shift_y  # in level pixels
+    if abs(ratio - 1.0) < 1e-9 and first_x.is_integer() and first_y.is_integer():
+        left, top = round(first_x * downsample), round(first_y * downsample)
         return reader.read(level, left, top, box.width, box.height)
-    first_x, first_y = box.left * ratio, box.top * ratio  # in level pixels
     left, top = math.floor(first_x), math.floor(first_y)
-    width = math.ceil((box.right) * ratio) - left + 1
-    height = math.ceil((box.bottom) * ratio) - top + 1
+    width = math.ceil(box.right * ratio + shift_x) - left + 1
+    height = math.ceil(box.bottom * ratio + shift_y) - top + 1
     level_width, level_height = reader.level_dimensions[level]
     width, height = min(width, level_width - left), min(height, level_height - top)
     source = reader.read(level, round(left * downsample), round(top * downsample), width, height)
@@ -295,14 +316,15 @@ def read_frame_window(reader: SlideReader, box: Box, scale: float) -> np.ndarray
 
 
 def read_overview(reader: SlideReader, height: int, width: int) -> np.ndarray:
-    """The whole slide as a ``height x width`` RGB image (area-averaged), read block by block
-    from the coarsest level that is still at least as fine, so no large level is held whole."""
+    """The slide's ``extent`` as a ``height x width`` RGB image (area-averaged), read block by
+    block from the coarsest level that is still at least as fine, so no large level is held
+    whole."""
     import cv2
 
-    scale = min(reader.width / width, reader.height / height)
+    scale = min(reader.extent[2] / width, reader.extent[3] / height)
     level = best_level(reader.level_downsamples, scale)
     downsample = reader.level_downsamples[level]
-    level_width, level_height = reader.level_dimensions[level]
+    origin_x, origin_y, level_width, level_height = level_extent(reader, level)
     overview = np.zeros((height, width, 3), dtype=np.uint8)
     step_y, step_x = height / level_height, width / level_width  # overview px per level px
     for top in range(0, level_height, OVERVIEW_BLOCK):
@@ -314,7 +336,11 @@ def read_overview(reader: SlideReader, height: int, width: int) -> np.ndarray:
             if out_bottom <= out_top or out_right <= out_left:
                 continue
             block = reader.read(
-                level, round(left * downsample), round(top * downsample), right - left, bottom - top
+                level,
+                round((origin_x + left) * downsample),
+                round((origin_y + top) * downsample),
+                right - left,
+                bottom - top,
             )
             overview[out_top:out_bottom, out_left:out_right] = cv2.resize(
                 block, (out_right - out_left, out_bottom - out_top), interpolation=cv2.INTER_AREA

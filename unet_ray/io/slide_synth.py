@@ -147,12 +147,12 @@ def write_leica_scn(
     tiffslide report that area as the slide's bounds (``openslide.bounds-*``,
     ``tiffslide.bounds-*``); level 0 is the whole glass, empty outside the bounds, and QuPath
     crops to them. ``patches`` are placed relative to the scanned image. The scanned image is a
-    pyramid halved down to ``SMALLEST_LEVEL_SIDE``; returns its number of levels."""
+    pyramid halved down to ``SMALLEST_LEVEL_SIDE`` (at least two levels); returns their number."""
     import tifffile
 
     left, top, image_width, image_height = bounds
     nm = round(mpp * NM_PER_UM)  # nanometres per level-0 pixel
-    factors = [1]
+    factors = [1, 2]  # a scanner writes a pyramid (tiffslide reads an SCN of one level wrong)
     while max(image_height, image_width) // (factors[-1] * 2) >= SMALLEST_LEVEL_SIDE:
         factors.append(factors[-1] * 2)
     macro_height, macro_width = -(-height // SCN_MACRO_FACTOR), -(-width // SCN_MACRO_FACTOR)

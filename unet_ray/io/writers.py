@@ -192,11 +192,12 @@ def polygon_rings(object_mask: np.ndarray, top: int, left: int) -> list[np.ndarr
 class PixelGeometry:
     """Where a label array lies in the output frames, and how large its pixels are.
 
-    Array pixel (row r, column c) covers level-0 pixels [(left + c) * scale, (left + c + 1) *
-    scale) in x (rows alike): ``top``/``left`` place the array in the segmented frame, ``scale``
-    is level-0 pixels per frame pixel (1 for whole images; 2 for a slide segmented at half its
-    resolution). QuPath's frame is level-0 shifted by ``-(bounds_x, bounds_y)`` (a bounded
-    slide's crop); ``mpp`` is microns per level-0 pixel (None: unknown)."""
+    Array pixel (row r, column c) covers [(left + c) * scale, (left + c + 1) * scale) in x (rows
+    alike) of QuPath's frame, in level-0 pixels: ``top``/``left`` place the array in the
+    segmented frame, ``scale`` is level-0 pixels per frame pixel (1 for whole images; 2 for a
+    slide segmented at half its resolution). A bounded slide's frame starts at its bounds, as
+    QuPath's does: level 0 is QuPath's frame shifted by ``(bounds_x, bounds_y)``. ``mpp`` is
+    microns per level-0 pixel (None: unknown)."""
 
     top: int = 0
     left: int = 0
@@ -205,13 +206,14 @@ class PixelGeometry:
     bounds_x: int = 0
     bounds_y: int = 0
 
-    def to_level0(self, ring_xy: np.ndarray) -> np.ndarray:
-        """Array (x, y) coordinates (pixel corners as in the module docstring) -> level-0."""
+    def to_qupath(self, ring_xy: np.ndarray) -> np.ndarray:
+        """Array (x, y) coordinates (pixel corners as in the module docstring) -> QuPath's
+        frame, level-0 pixels."""
         return (ring_xy + (self.left, self.top)) * self.scale
 
-    def to_qupath(self, ring_xy: np.ndarray) -> np.ndarray:
-        """Array (x, y) coordinates -> QuPath's frame (level-0 minus the bounds offset)."""
-        return self.to_level0(ring_xy) - (self.bounds_x, self.bounds_y)
+    def to_level0(self, ring_xy: np.ndarray) -> np.ndarray:
+        """Array (x, y) coordinates -> the slide's level 0 (QuPath's frame plus the bounds)."""
+        return self.to_qupath(ring_xy) + (self.bounds_x, self.bounds_y)
 
 
 def feature_id(stem: str, label: int) -> str:
@@ -360,13 +362,15 @@ def shape_row(table: dict[str, np.ndarray], index: int, geometry: PixelGeometry)
     def microns(level0: float, power: int = 1) -> float | None:
         return None if mpp is None else round(level0 * mpp**power, LENGTH_DECIMALS + 1)
 
-    x = (float(table["centroid-1"][index]) + PIXEL_CENTRE + geometry.left) * scale
-    y = (float(table["centroid-0"][index]) + PIXEL_CENTRE + geometry.top) * scale
+    shift_x, shift_y = geometry.left, geometry.top  # frame -> level 0: scale, then bounds
+    bounds_x, bounds_y = geometry.bounds_x, geometry.bounds_y
+    x = (float(table["centroid-1"][index]) + PIXEL_CENTRE + shift_x) * scale + bounds_x
+    y = (float(table["centroid-0"][index]) + PIXEL_CENTRE + shift_y) * scale + bounds_y
     box = {
-        "min_x_px": plain_number((int(table["bbox-1"][index]) + geometry.left) * scale),
-        "min_y_px": plain_number((int(table["bbox-0"][index]) + geometry.top) * scale),
-        "max_x_px": plain_number((int(table["bbox-3"][index]) + geometry.left) * scale),
-        "max_y_px": plain_number((int(table["bbox-2"][index]) + geometry.top) * scale),
+        "min_x_px": plain_number((int(table["bbox-1"][index]) + shift_x) * scale + bounds_x),
+        "min_y_px": plain_number((int(table["bbox-0"][index]) + shift_y) * scale + bounds_y),
+        "max_x_px": plain_number((int(table["bbox-3"][index]) + shift_x) * scale + bounds_x),
+        "max_y_px": plain_number((int(table["bbox-2"][index]) + shift_y) * scale + bounds_y),
     }
     row: dict[str, Any] = {
         "label": int(table["label"][index]),

@@ -208,8 +208,8 @@ def plan_slide(
     try:
         scale, mpp = frame_geometry(reader, slide, uri)
         warn_mpp_mismatch(uri, mpp, model_mpp)
-        frame_height = max(1, math.floor(reader.height / scale))
-        frame_width = max(1, math.floor(reader.width / scale))
+        frame_height = max(1, math.floor(reader.extent[3] / scale))  # the bounds, if any
+        frame_width = max(1, math.floor(reader.extent[2] / scale))
         regions = plan_regions(
             frame_height, frame_width, slide.region, slide.halo, slide.halo - segment.overlap
         )
@@ -328,6 +328,7 @@ def run_region_job(
     stopped = ""
     total = sum(len(plan.to_segment) for plan in plans)
     progress = Progress("slides", total, unit="region", initial=total - len(tasks))
+    counts = {"nuclei": 0, "failed": 0}
     with job_data_context(), progress:
         dataset = build_region_dataset(checkpoint, tasks, segment, instances, cpus_per_worker)
         try:
@@ -343,7 +344,7 @@ def run_region_job(
                     row["status"],
                     row["message"] or f"({row['nuclei']} nuclei)",
                 )
-                progress.update(summary=regions_progress(results))
+                progress.update(summary=regions_progress(counts, row))
                 if pending[uri] == 0:
                     on_slide_done(by_uri[uri], results[uri])
         except Exception as error:  # the pool broke: the regions not reported are failures
@@ -363,12 +364,14 @@ def run_region_job(
             on_slide_done(plan, results[uri])
 
 
-def regions_progress(results: dict[str, list[dict[str, Any]]]) -> str:
-    """``1234 nuclei, 1 failed``: the nuclei of the regions computed so far and the failures."""
-    rows = [row for slide_rows in results.values() for row in slide_rows]
-    failed = sum(str(row["status"]) != STATUS_OK for row in rows)
-    nuclei = sum(int(row["nuclei"]) for row in rows if str(row["status"]) == STATUS_OK)
-    return f"{nuclei} nuclei, {failed} failed"
+def regions_progress(counts: dict[str, int], row: dict[str, Any]) -> str:
+    """``1234 nuclei, 1 failed``: ``counts`` with one more region's result ``row`` added, the
+    nuclei of the regions computed so far and the failures."""
+    if str(row["status"]) == STATUS_OK:
+        counts["nuclei"] += int(row["nuclei"])
+    else:
+        counts["failed"] += 1
+    return f"{counts['nuclei']} nuclei, {counts['failed']} failed"
 
 
 def summarise_regions(plan: SlidePlan, rows: list[dict[str, Any]]) -> dict[str, Any]:
