@@ -82,7 +82,9 @@ def test_verbose_is_taken_before_and_after_the_subcommand(argv, verbose):
 
 
 def test_verbose_after_the_subcommand_reaches_ray_processes(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    # setenv, not delenv: monkeypatch then removes what main() sets (an absent variable that
+    # delenv found is not restored), so later tests and their subprocesses are not verbose
+    monkeypatch.setenv(VERBOSE_ENV, "0")
     assert main(["train", "--config", str(tmp_path / "none.yaml"), "-v"]) == 2
     assert os.environ.get(VERBOSE_ENV) == "1"  # what runtime.cluster reads
     assert "does not exist" in capsys.readouterr().err

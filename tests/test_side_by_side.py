@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from unet_ray.runtime.cluster import API_SERVER_ENV
+from unet_ray.runtime.cluster import API_SERVER_ENV, VERBOSE_ENV
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 TILE = 64
@@ -59,6 +59,7 @@ class Command:
     def __init__(self, command: list[str], cwd: Path, terminal: bool = False):
         env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
         env.pop(API_SERVER_ENV, None)
+        env.pop(VERBOSE_ENV, None)  # quiet, as a user runs it
         self.chunks: list[bytes] = []
         if terminal:
             reader, writer = pty.openpty()
