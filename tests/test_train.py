@@ -293,3 +293,26 @@ def test_transient_ray_warnings_stay_off_the_console_of_a_quiet_run(monkeypatch)
         train_logger.propagate = saved[2]
     # the warning reaches the handlers (log files) as DEBUG; an error stays an error
     assert seen == [logging.DEBUG, logging.ERROR] * len(TRANSIENT_RAY_LOGGERS)
+
+
+def test_training_shards_take_the_data_context_options_without_the_deprecated_one():
+    """Issue 23 (quiet console): Ray Train's default ingest options copy the deprecated
+    ``exclude_resources`` and every training run printed a RayDeprecationWarning; ours carry the
+    context's other options and warn about nothing."""
+    import warnings
+
+    from ray.data import DataContext
+
+    from unet_ray.pipelines.train import TRAIN_SPLIT, build_data_config
+
+    context = DataContext.get_current()
+    saved = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            options = build_data_config(2)._resolve_execution_options(TRAIN_SPLIT)
+    finally:
+        context.execution_options.preserve_order = saved
+    assert options.preserve_order is True
+    assert options.resource_limits == context.execution_options.resource_limits

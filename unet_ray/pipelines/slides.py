@@ -77,6 +77,7 @@ from unet_ray.pipelines.slide_regions import (
 from unet_ray.runtime.batch import (
     TASK_RETRIES,
     TASKS_IN_FLIGHT_PER_ACTOR,
+    actor_gpus,
     actor_stage,
     describe_error,
     finish_workers,
@@ -289,7 +290,7 @@ def build_region_dataset(
             max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR,
         ),
         num_cpus=cpus_per_worker,
-        num_gpus=1 if segment.use_gpu else 0,
+        num_gpus=actor_gpus(segment),  # --actors-per-gpu N: 1/N of a GPU each
         max_task_retries=TASK_RETRIES,
     )
     return actor_stage(

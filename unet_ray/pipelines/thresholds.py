@@ -28,6 +28,7 @@ from unet_ray.inference import (
     image_probabilities,
     make_batch_predictor,
     search_instance_settings,
+    select_device,
 )
 from unet_ray.io.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
 from unet_ray.pipelines.evaluate import iterate_samples
@@ -111,8 +112,8 @@ def search_checkpoint_task(
 
     def task() -> dict[str, Any]:
         torch.set_num_threads(max(1, threads))
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        return search_checkpoint(checkpoint, data, device=device, **options)
+        # strict, as every --gpu path: no CUDA where the task landed is an error, not a CPU run
+        return search_checkpoint(checkpoint, data, device=select_device(use_gpu), **options)
 
     remote = ray.remote(num_cpus=threads, num_gpus=1 if use_gpu else 0, max_retries=1)(task)
     return ray.get(remote.remote())

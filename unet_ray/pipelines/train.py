@@ -212,7 +212,25 @@ def build_data_config(workers: int):
     that only passes the same rows on."""
     import ray.train
 
-    return ray.train.DataConfig(datasets_to_split=[TRAIN_SPLIT] if workers > 1 else [])
+    return ray.train.DataConfig(
+        datasets_to_split=[TRAIN_SPLIT] if workers > 1 else [],
+        execution_options=ingest_options(),
+    )
+
+
+def ingest_options():
+    """Ray Data's options for the training set's shards: what Ray Train's defaults
+    (``DataConfig.default_ingest_options``) carry over from the data context, less the deprecated
+    ``exclude_resources`` (zero unless set), whose copy made every training run print a
+    RayDeprecationWarning."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(
+        resource_limits=current.resource_limits,
+        preserve_order=current.preserve_order,
+        verbose_progress=current.verbose_progress,
+    )
 
 
 def _fault_injection_from_env() -> dict[str, Any]:
