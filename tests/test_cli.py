@@ -90,6 +90,24 @@ def test_verbose_after_the_subcommand_reaches_ray_processes(tmp_path, monkeypatc
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_matplotlib_info_lines_stay_off_a_quiet_console(monkeypatch):
+    """Issue 23: a machine's first figure logged "generated new fontManager" at INFO."""
+    import logging
+
+    from unet_ray.cli_args import apply_verbose
+
+    monkeypatch.setenv(VERBOSE_ENV, "0")
+    plots = logging.getLogger("matplotlib")
+    saved = plots.level
+    try:
+        apply_verbose(False)
+        assert not plots.isEnabledFor(logging.INFO)
+        apply_verbose(True)
+        assert plots.isEnabledFor(logging.DEBUG)
+    finally:
+        plots.setLevel(saved)
+
+
 RUN_AND_REPORT = """
 import sys, time
 started = time.time()

@@ -90,6 +90,8 @@ def apply_verbose(verbose: bool) -> None:
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT)
+    # matplotlib's INFO lines ("generated new fontManager" on a machine's first plot) are not ours
+    logging.getLogger("matplotlib").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def human_lines_to_stderr() -> contextlib.AbstractContextManager:
