@@ -5,7 +5,6 @@ Ray starts, --config for segment and evaluate laid over the checkpoint's values.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -228,39 +227,3 @@ def test_evaluate_config_file_overrides_the_checkpoint_instances(tmp_path):
     assert (instances.threshold, instances.min_size) == (0.7, 5)
     args = build_parser().parse_args(["evaluate", "c", "d", "--config", config, "--min-size", "9"])
     assert instance_config_from_args(args, saved).min_size == 9
-
-
-# ----------------------------------------------------------------------------- train's stdout
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_train_stdout_is_one_json_object_and_the_dashboard_url_is_printed_once(tmp_path):
-    """`unet-ray train ... > result.json` gives a parseable file; the human lines (where the
-    outputs are, the dashboard, Ray's logs) are on stderr. Its own local Ray, as a user gets."""
-    output = tmp_path / "run"
-    argv = [
-        "train", "--output", str(output), "--epochs", "1", "--batch-size", "2",
-        "--image-size", "64", "--tile-size", "64", "--synth-count", "4", "--workers", "1",
-        "--val-fraction", "0.5", "--encoder-weights", "none", "--min-steps-per-epoch", "1",
-        "--no-instance-search", "--mpp", "0.5",
-    ]  # fmt: skip
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "unet_ray.cli", *argv],
-        capture_output=True,
-        text=True,
-        timeout=840,
-        cwd=tmp_path,
-        env=env,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    summary = json.loads(completed.stdout)  # stdout is exactly one JSON object
-    assert summary["best_checkpoint"] == str(output / "best")
-    assert completed.stderr.count("[unet_ray] Ray dashboard: http://127.0.0.1:") == 1
-    assert f"outputs in {output}" in completed.stderr
-    info = json.loads((output / "best" / "config.json").read_text())
-    assert info["config"]["data"]["mpp"] == 0.5  # --mpp recorded for segment and slides
-    assert info["input"]["mpp"] == 0.5 and info["input"]["side_multiple"] == 32
-    assert info["unet_ray_version"] == __version__

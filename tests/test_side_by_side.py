@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import json
 import os
 import pty
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from unet_ray import __version__
 from unet_ray.runtime.cluster import API_SERVER_ENV, VERBOSE_ENV
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -54,52 +56,69 @@ TRACEBACK_SIGNS = ("Found multiple active Ray instances", "Traceback (most recen
 
 class Command:
     """A command started in its own session (its own local Ray dies with it), its output read
-    from a pipe or, with ``terminal``, from a pseudo-terminal (120 columns) as a user sees it."""
+    from a pipe or, with ``terminal``, its stderr from a pseudo-terminal (120 columns) as a user
+    sees it and its stdout (a JSON command's result) from a pipe of its own."""
 
     def __init__(self, command: list[str], cwd: Path, terminal: bool = False):
         env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
         env.pop(API_SERVER_ENV, None)
         env.pop(VERBOSE_ENV, None)  # quiet, as a user runs it
-        self.chunks: list[bytes] = []
+        self.chunks: dict[int, list[bytes]] = {}
         if terminal:
             reader, writer = pty.openpty()
             fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+            out_reader, out_writer = os.pipe()
         else:
             reader, writer = os.pipe()
+            out_reader, out_writer = reader, writer
         self.process = subprocess.Popen(
             command,
             cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
-            stdout=writer,
+            stdout=out_writer,
             stderr=writer,
             start_new_session=True,
         )
-        os.close(writer)
-        self.reader = reader
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
+        self.readers = sorted({reader, out_reader})
+        for descriptor in {writer, out_writer}:
+            os.close(descriptor)
+        self.threads = [
+            threading.Thread(target=self._read, args=(descriptor,), daemon=True)
+            for descriptor in self.readers
+        ]
+        for thread in self.threads:
+            thread.start()
+        self.stdout_reader = out_reader if terminal else None
 
-    def _read(self) -> None:
+    def _read(self, reader: int) -> None:
+        chunks = self.chunks.setdefault(reader, [])
         while True:
             try:
-                chunk = os.read(self.reader, 65536)
+                chunk = os.read(reader, 65536)
             except OSError:  # a pseudo-terminal whose every writer closed
                 return
             if not chunk:
                 return
-            self.chunks.append(chunk)
+            chunks.append(chunk)
 
-    def finish(self, timeout: float) -> tuple[int, str]:
-        """Exit code and output; a hung command is killed with all its processes."""
+    def finish(self, timeout: float) -> tuple[int, str, str]:
+        """Exit code, the output (stderr, with stdout unless ``terminal``) and the separate
+        stdout ("" unless ``terminal``); a hung command is killed with all its processes."""
         try:
             code = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             code = self.process.wait()
-        self.thread.join(timeout=30)  # Ray's processes may hold the output a moment longer
-        os.close(self.reader)
-        return code, b"".join(self.chunks).decode(errors="replace").replace("\r\n", "\n")
+        for thread in self.threads:
+            thread.join(timeout=30)  # Ray's processes may hold the output a moment longer
+        texts = {}
+        for reader in self.readers:
+            os.close(reader)
+            data = b"".join(self.chunks.get(reader, []))
+            texts[reader] = data.decode(errors="replace").replace("\r\n", "\n")
+        stdout = texts.pop(self.stdout_reader) if self.stdout_reader is not None else ""
+        return code, "".join(texts.values()), stdout
 
 
 @pytest.mark.timeout(TIMEOUT_S + 120)
@@ -124,12 +143,12 @@ def test_two_commands_side_by_side_each_on_its_own_ray(training_prepared, tmp_pa
         "--image-size", str(TILE), "--tile-size", str(TILE), "--epochs", "2",
         "--batch-size", "2", "--workers", "1", "--scheduler", "constant",
         "--max-lr", "0.05", "--warmup-epochs", "0", "--min-steps-per-epoch", "1",
-        "--elastic-probability", "0", "--encoder-weights", "none",
+        "--elastic-probability", "0", "--encoder-weights", "none", "--mpp", "0.5",
     ]  # fmt: skip
     search = Command(search_command, cwd=tmp_path)
     training = Command(training_command, cwd=tmp_path, terminal=True)
-    search_code, search_log = search.finish(TIMEOUT_S)
-    training_code, training_log = training.finish(TIMEOUT_S)
+    search_code, search_log, _ = search.finish(TIMEOUT_S)
+    training_code, training_log, training_stdout = training.finish(TIMEOUT_S)
 
     assert search_code == 0, search_log[-4000:]
     assert training_code == 0, training_log[-4000:]
@@ -155,4 +174,13 @@ def test_two_commands_side_by_side_each_on_its_own_ray(training_prepared, tmp_pa
     assert bar_states, training_log[-4000:]
     last_state = bar_states[-1].split("\r")[-1]
     assert "2/2" in last_state and "100%" in last_state and "val_f1" in last_state
-    assert '"best_checkpoint"' in training_log
+    # `unet-ray train ... > result.json` gives a parseable file (issue 23): stdout is exactly one
+    # JSON object; the human lines (dashboard, outputs, Ray's logs) are on stderr
+    summary = json.loads(training_stdout)
+    assert summary["best_checkpoint"] == str(tmp_path / "run" / "best")
+    assert training_log.count("[unet_ray] Ray dashboard: http://127.0.0.1:") == 1
+    assert f"outputs in {tmp_path / 'run'}" in training_log
+    info = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert info["config"]["data"]["mpp"] == 0.5  # --mpp recorded for segment and slides
+    assert info["input"]["mpp"] == 0.5 and info["input"]["side_multiple"] == 32
+    assert info["unet_ray_version"] == __version__
