@@ -1,5 +1,5 @@
 """The segmentation job: tiled vs whole-image inference, one image in process, and the Ray Data job
-over a mixed collection (bad files, a 3-megapixel BigTIFF, a rerun that skips, a real S3 endpoint)."""
+over a mixed collection (bad files, a tiled BigTIFF of several tiles, a rerun that skips, a real S3 endpoint)."""
 
 from __future__ import annotations
 
@@ -331,19 +331,19 @@ def test_run_segmentation_refuses_bad_geometry_and_bad_checkpoints(tmp_path):
 
 
 def write_big_slide(path: Path) -> tuple[int, int]:
-    """A 1500 x 2000 RGB image (3 megapixels, 3 x 4 tiles of 512) as a tiled BigTIFF; its
-    shape."""
+    """A 1000 x 1500 RGB image (1.5 megapixels: several 512-px inference tiles each way, sides
+    that are no multiple of the tile) as a tiled BigTIFF; its shape."""
     patch = synthetic_image(500, 500, "he", 21)
-    tifffile.imwrite(path, np.tile(patch, (3, 4, 1)), bigtiff=True, tile=(256, 256))
-    return 1500, 2000
+    tifffile.imwrite(path, np.tile(patch, (2, 3, 1)), bigtiff=True, tile=(256, 256))
+    return 1000, 1500
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_mixed_collection_then_rerun_skips_finished_images(ray_local, checkpoint, tmp_path):
-    """Good images of several formats and sizes (1x1 up to a 3-megapixel BigTIFF) beside bad
-    files, on 2 actors: outputs for the good, error rows for the bad; a rerun skips the done."""
+    """Good images of several formats and sizes (1x1 up to a 1.5-megapixel tiled BigTIFF) beside
+    bad files, on 2 actors: outputs for the good, error rows for the bad; a rerun skips the done."""
     inputs, output = tmp_path / "in", tmp_path / "out"
     good = [*write_good_images(inputs), "slide.tif"]
     slide_shape = write_big_slide(inputs / "slide.tif")
@@ -352,7 +352,7 @@ def test_mixed_collection_then_rerun_skips_finished_images(ray_local, checkpoint
     started = time.perf_counter()
     summary = run_segmentation(checkpoint, str(inputs), str(output), segment, InstanceConfig())
     print(
-        f"collection with a 3-megapixel BigTIFF segmented in {time.perf_counter() - started:.0f} s"
+        f"collection with a 1.5-megapixel BigTIFF segmented in {time.perf_counter() - started:.0f} s"
     )
     assert (summary.ok, summary.error, summary.skipped) == (len(good), len(bad), 0)
     assert summary.exit_code == 1
