@@ -159,6 +159,7 @@ def test_two_commands_side_by_side_each_on_its_own_ray(training_prepared, tmp_pa
             assert sign not in log, log[max(0, log.find(sign) - 2000) : log.find(sign) + 3000]
         assert log.count("Ray's own logs:") == 1  # quiet console: where Ray's logs are, once
         assert "row/s]" not in log  # no Ray Data progress bar (quiet unless --verbose)
+        assert "exclude_resources" not in log  # no deprecation warning from our shard options
     rows = list(csv.DictReader((tmp_path / "search" / "trials.csv").read_text().splitlines()))
     assert len(rows) == 1 and all(row["error"] == "" for row in rows)
     assert "placement groups: " in search_log and ", 0 still reserved" in search_log
