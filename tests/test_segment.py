@@ -204,6 +204,23 @@ def test_list_inputs_takes_a_folder_or_one_file_and_refuses_an_empty_folder(tmp_
         list_inputs(str(tmp_path / "empty"))
 
 
+def test_a_dsb2018_layout_gives_its_samples_images_not_their_masks(tmp_path):
+    """A test set segments as it was downloaded: ``<id>/images/<id>.png`` under the folder (also
+    below a stage folder); the masks beside them are not inputs, nor a stray PNG elsewhere."""
+    from unet_ray.io.synth import write_synthetic_dataset
+
+    ids = write_synthetic_dataset(str(tmp_path / "stage1_test"), count=3, max_side=64)
+    (tmp_path / "stage1_test" / ids[0] / "notes").mkdir()
+    write_good_images(tmp_path / "stage1_test" / ids[0] / "notes")  # not a sample's image
+    for root in (tmp_path / "stage1_test", tmp_path):
+        found = list_inputs(str(root))
+        assert sorted(Path(uri).stem for uri in found) == sorted(ids)
+        assert all(Path(uri).parent.name == "images" for uri in found)
+    # an image at the top: a plain folder again (not recursive)
+    (tmp_path / "stage1_test" / "top.png").write_bytes(Path(found[0]).read_bytes())
+    assert [Path(uri).name for uri in list_inputs(str(tmp_path / "stage1_test"))] == ["top.png"]
+
+
 NUCLEUS_RAW, BACKGROUND_RAW, HOT_PIXEL_RAW = 30000, 1000, 65535
 DISC_CENTRES = ((20, 20), (42, 46))
 DISC_RADIUS = 8

@@ -6,6 +6,7 @@ tiffslide, zarr; ``writers``; ``prepared``; ``synth``) are imported by their own
 """
 
 from unet_ray.io.dsb import (
+    DSB_IMAGES_FOLDER,
     DSB_TRAIN_FOLDER,
     SAMPLE_IMAGE_PATTERN,
     ZIP_ENCRYPTED_FLAG,
@@ -15,6 +16,7 @@ from unet_ray.io.dsb import (
     ZIP_READ_GAP,
     DatasetError,
     SampleRef,
+    is_dsb_image,
     list_dsb_samples,
     read_dsb_sample,
     write_dsb_sample,
@@ -67,6 +69,7 @@ from unet_ray.io.images import (
 )
 
 __all__ = [
+    "DSB_IMAGES_FOLDER",
     "DEFAULT_S3_REGION",
     "DSB_TRAIN_FOLDER",
     "DatasetError",
@@ -109,6 +112,7 @@ __all__ = [
     "is_s3",
     "join_uri",
     "list_dsb_samples",
+    "is_dsb_image",
     "list_files",
     "make_dirs",
     "normalisation_range",

@@ -18,7 +18,7 @@ import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -49,6 +49,7 @@ ZIP_LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
 ZIP_ENCRYPTED_FLAG = 0x1
 ZIP_INDEX_CACHE_SIZE = 4  # zip archives whose sample index is kept in memory
 DSB_TRAIN_FOLDER = "stage1_train"
+DSB_IMAGES_FOLDER = "images"  # <id>/images/<id>.png
 SAMPLE_IMAGE_PATTERN = re.compile(
     r"^(?P<prefix>(?:.*/)?)(?P<id>[^/]+)/images/(?P=id)(?P<suffix>\.[A-Za-z]+)$"
 )
@@ -171,7 +172,9 @@ def write_dsb_sample(
         alpha = np.full(image.shape[:2] + (1,), UINT8_MAX, dtype=np.uint8)
         image = np.concatenate([image, alpha], axis=2)
     sample_uri = join_uri(root_uri, sample_id)
-    write_bytes_atomic(join_uri(sample_uri, "images", f"{sample_id}.png"), encode_png(image))
+    write_bytes_atomic(
+        join_uri(sample_uri, DSB_IMAGES_FOLDER, f"{sample_id}.png"), encode_png(image)
+    )
     for mask_id, value in zip(mask_ids, label_values, strict=True):
         mask = (labels == value).astype(np.uint8) * UINT8_MAX
         write_bytes_atomic(join_uri(sample_uri, "masks", f"{mask_id}.png"), encode_png(mask))
@@ -403,3 +406,9 @@ def _read_zip_sample(ref: SampleRef, allow_missing_masks: bool) -> tuple[np.ndar
     masks = [(f"{ref.source}:{mask.name}", contents[mask.name]) for mask in sample.masks]
     labels = _labels_from_masks(masks, image.shape[:2], ref, allow_missing_masks)
     return image, labels
+
+
+def is_dsb_image(uri: str) -> bool:
+    """Whether ``uri`` is a sample's image in the DSB2018 layout: ``<id>/images/<id>.<ext>``."""
+    path = PurePosixPath(uri)
+    return path.parent.name == DSB_IMAGES_FOLDER and path.stem == path.parent.parent.name

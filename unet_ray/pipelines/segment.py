@@ -324,15 +324,21 @@ class SegmentSummary:
 
 
 def list_inputs(input_uri: str) -> list[str]:
-    """The image URIs of a folder/prefix (not recursive), or ``[input_uri]`` for one image file."""
+    """The image URIs of a folder/prefix (not recursive), or ``[input_uri]`` for one image file.
+    A folder in the DSB2018 layout (no image at its top, ``<id>/images/<id>.png`` below) gives
+    its samples' images, so that a test set segments as it was downloaded."""
     if is_file(input_uri):
         return [str(input_uri)]
 
-    found = io.list_files(input_uri, io.IMAGE_SUFFIXES + SLIDE_SUFFIXES)
+    suffixes = io.IMAGE_SUFFIXES + SLIDE_SUFFIXES
+    found = io.list_files(input_uri, suffixes) or [
+        uri for uri in io.list_files(input_uri, suffixes, recursive=True) if io.is_dsb_image(uri)
+    ]
     if not found:
         raise FileNotFoundError(
-            f"no images ({', '.join(io.IMAGE_SUFFIXES)}) in {input_uri}: give a folder, an "
-            "s3:// prefix or one image file"
+            f"no images ({', '.join(io.IMAGE_SUFFIXES)}) in {input_uri} nor in a DSB2018 "
+            f"layout below it (<id>/{io.DSB_IMAGES_FOLDER}/): give a folder, an s3:// prefix or "
+            "one image file"
         )
     return found
 
