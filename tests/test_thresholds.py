@@ -25,7 +25,12 @@ from unet_ray.inference import (
 from unet_ray.io.checkpoint import CONFIG_FILE, MODEL_FILE, save_checkpoint
 from unet_ray.io.dsb import list_dsb_samples
 from unet_ray.pipelines.evaluate import evaluate_checkpoint
-from unet_ray.pipelines.thresholds import SEARCH_RECORD, search_checkpoint
+from unet_ray.pipelines.thresholds import (
+    FEW_SEARCH_IMAGES,
+    SEARCH_RECORD,
+    describe_search,
+    search_checkpoint,
+)
 
 
 def test_the_eight_transforms_are_distinct_and_undone_exactly():
@@ -108,6 +113,19 @@ def test_the_search_finds_the_planted_threshold_and_minimum_size():
     assert result.before["dsb_score"] < 0.7  # the defaults: halo inside, specks counted
     record = result.record()
     assert record["chosen"]["min_size"] == 64 and record["after"]["n_images"] == 3
+
+
+def test_a_search_on_few_images_says_so_and_how_to_check_it():
+    maps = [(f"image{seed}", *planted_maps(seed)) for seed in range(3)]
+    record = {
+        **search_instance_settings(maps, InstanceConfig(), "dsb_score").record(),
+        "tta": False,
+    }
+    line = describe_search(record)
+    assert "searched on 3 annotated image(s)" in line and "min_size=64" in line
+    assert f"fewer than {FEW_SEARCH_IMAGES} images" in line and "unet-ray evaluate" in line
+    many = {**record, "before": {**record["before"], "n_images": FEW_SEARCH_IMAGES}}
+    assert "fewer than" not in describe_search(many)
 
 
 def test_a_contour_head_searches_its_contour_threshold_not_the_core_ratio():

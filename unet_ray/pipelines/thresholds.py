@@ -119,6 +119,12 @@ def search_checkpoint_task(
     return ray.get(remote.remote())
 
 
+# Below this many images a search's choice is mostly their noise: in benchmarks/accuracy.py
+# (2 validation images, 2 seeds) the searched settings scored lower on held-out images than the
+# defaults (README, Results)
+FEW_SEARCH_IMAGES = 10
+
+
 def describe_search(record: dict[str, Any]) -> str:
     """One line for the console: the metric before and after, and the chosen values."""
     metric = record["metric"]
@@ -126,8 +132,17 @@ def describe_search(record: dict[str, Any]) -> str:
         f"{key}={record['chosen'][key]}"
         for key in ("threshold", "core_ratio", "contour_threshold", "min_size")
     )
-    return (
-        f"instance settings searched on {record['before']['n_images']} annotated image(s)"
+    images = record["before"]["n_images"]
+    line = (
+        f"instance settings searched on {images} annotated image(s)"
         f"{' with TTA' if record['tta'] else ''}: {metric} {record['before'][metric]:.4f} -> "
         f"{record['after'][metric]:.4f} ({chosen})"
     )
+    if images < FEW_SEARCH_IMAGES:
+        line += (
+            f"; chosen on fewer than {FEW_SEARCH_IMAGES} images, they may fit these images and "
+            "not others: score held-out images with `unet-ray evaluate` (--threshold etc. "
+            "override), search more with `unet-ray thresholds`, or keep the defaults with "
+            "--no-instance-search"
+        )
+    return line
