@@ -227,3 +227,34 @@ def test_evaluate_config_file_overrides_the_checkpoint_instances(tmp_path):
     assert (instances.threshold, instances.min_size) == (0.7, 5)
     args = build_parser().parse_args(["evaluate", "c", "d", "--config", config, "--min-size", "9"])
     assert instance_config_from_args(args, saved).min_size == 9
+
+
+OWN_LINES_AFTER_RAY = """
+import logging
+from unet_ray.cli_args import apply_verbose
+from unet_ray.runtime.cluster import init_ray
+apply_verbose(False)
+init_ray()
+logging.getLogger("unet_ray.pipelines.train").info("OUR INFO LINE")
+logging.getLogger("unet_ray.pipelines.train").warning("OUR WARNING LINE")
+"""
+
+
+@pytest.mark.ray
+def test_our_log_lines_show_once_after_ray_starts_quietly():
+    """Ray's quiet logging config set the root logger to WARNING (our INFO lines, e.g. the
+    instance search's summary, vanished once Ray ran) and added its handler beside ours (every
+    warning twice). A local Ray of its own, as a command starts it."""
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS",)}
+    env.pop(VERBOSE_ENV, None)
+    completed = subprocess.run(
+        [sys.executable, "-c", OWN_LINES_AFTER_RAY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stderr.count("OUR INFO LINE") == 1, completed.stderr[-3000:]
+    assert completed.stderr.count("OUR WARNING LINE") == 1, completed.stderr[-3000:]

@@ -98,6 +98,37 @@ def init_ray(min_cpus: int = 1) -> None:
     quiet_ray_logging()
     if ray.is_initialized():
         return
+    with root_logging_kept():
+        _start_or_connect(ray, min_cpus)
+    # on stderr: stdout is the command's own result (train's JSON)
+    api_server = os.environ.get(API_SERVER_ENV)
+    if api_server:
+        print(f"[unet_ray] Ray dashboard: {api_server}", file=sys.stderr, flush=True)
+    if not is_verbose():
+        quiet_ray_logging()  # ray.init configured Ray's loggers anew
+        print(
+            f"[unet_ray] Ray's own logs: {ray_log_folder()} (--verbose shows them)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+@contextlib.contextmanager
+def root_logging_kept():
+    """The root logger's level and handlers as they were: ``ray.init(logging_config=...)`` sets
+    the root logger to Ray's level (WARNING when quiet, so our own INFO lines vanished once Ray
+    had started) and adds Ray's handler beside ours (so every warning printed twice). Ray's own
+    loggers keep what Ray gave them."""
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
+
+
+def _start_or_connect(ray, min_cpus: int) -> None:
     logging_config = None if is_verbose() else ray.LoggingConfig(log_level="WARNING")
     if os.environ.get("RAY_ADDRESS"):
         # the cluster's own state API, named for every worker of this job as for local Ray below
@@ -124,16 +155,6 @@ def init_ray(min_cpus: int = 1) -> None:
                 dashboard_port=dashboard_port,
                 runtime_env=worker_runtime_env(api_server),
             )
-    # on stderr: stdout is the command's own result (train's JSON)
-    if api_server:
-        print(f"[unet_ray] Ray dashboard: {api_server}", file=sys.stderr, flush=True)
-    if not is_verbose():
-        quiet_ray_logging()  # ray.init configured Ray's loggers anew
-        print(
-            f"[unet_ray] Ray's own logs: {ray_log_folder()} (--verbose shows them)",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 def worker_runtime_env(api_server: str | None) -> dict[str, Any]:
