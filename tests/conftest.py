@@ -9,12 +9,15 @@ outcome. Ray's worker processes inherit all of it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import shutil
 import socket
+import sys
 import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -186,3 +189,24 @@ def training_prepared(ray_local, training_root, tmp_path_factory) -> str:
     output = str(tmp_path_factory.mktemp("training_prepared"))
     prepare_dataset(str(training_root), output, tile_size=TRAINING_TILE, val_fraction=0.25, seed=0)
     return output
+
+
+BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load_benchmark_module(name: str):
+    """Import benchmarks/<name>.py (the folder is not a package; its modules import each other)."""
+    if str(BENCHMARKS_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS_DIR))
+    spec = importlib.util.spec_from_file_location(
+        f"benchmarks_{name}", BENCHMARKS_DIR / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("run")``: a benchmark script as a module."""
+    return _load_benchmark_module

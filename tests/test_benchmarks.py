@@ -2,44 +2,27 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def load_benchmark_module(name: str):
-    """Import benchmarks/<name>.py (the folder is not a package)."""
-    if str(BENCHMARKS_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS_DIR))
-    spec = importlib.util.spec_from_file_location(
-        f"benchmarks_{name}", BENCHMARKS_DIR / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def bench_flops(load_benchmark):
+    return load_benchmark("bench_flops")
 
 
 @pytest.fixture(scope="module")
-def bench_flops():
-    return load_benchmark_module("bench_flops")
+def bench_train(load_benchmark):
+    return load_benchmark("bench_train")
 
 
 @pytest.fixture(scope="module")
-def bench_train():
-    return load_benchmark_module("bench_train")
-
-
-@pytest.fixture(scope="module")
-def runner():
-    return load_benchmark_module("run")
+def runner(load_benchmark):
+    return load_benchmark("run")
 
 
 def test_count_flops_of_one_convolution_matches_the_formula(bench_flops):
@@ -180,13 +163,13 @@ def test_read_cpu_model(runner, tmp_path):
     assert runner.read_cpu_model(str(tmp_path / "missing"))  # falls back to platform's answer
 
 
-def test_recipe_benchmark_configs_are_valid_and_before_is_the_old_recipe(tmp_path):
+def test_recipe_benchmark_configs_are_valid_and_before_is_the_old_recipe(tmp_path, load_benchmark):
     """The two recipes build valid configs; `before` is one step per epoch on 8 tiles at batch
     16 with 10-epoch first cycles and no warm-up, `after` today's defaults scaled in length."""
     from unet_ray.core.config import Config, TrainConfig
     from unet_ray.pipelines.data import tile_copies
 
-    recipe = load_benchmark_module("recipe")
+    recipe = load_benchmark("recipe")
     defaults = TrainConfig()
     for quick in (True, False):
         configs = recipe.recipes(quick)
@@ -220,8 +203,8 @@ def test_recipe_benchmark_configs_are_valid_and_before_is_the_old_recipe(tmp_pat
     assert table.splitlines()[2] == "| after | he | 4 | 40 | 10.0 | 0.9 | 0.5 | 0.7 | 4 |"
 
 
-def test_accuracy_summary_averages_styles_then_seeds():
-    accuracy = load_benchmark_module("accuracy")
+def test_accuracy_summary_averages_styles_then_seeds(load_benchmark):
+    accuracy = load_benchmark("accuracy")
 
     def run(head, seed, dsb_by_mode):
         scores = [

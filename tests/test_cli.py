@@ -245,8 +245,9 @@ def test_our_log_lines_show_once_after_ray_starts_quietly():
     """Ray's quiet logging config set the root logger to WARNING (our INFO lines, e.g. the
     instance search's summary, vanished once Ray ran) and added its handler beside ours (every
     warning twice). A local Ray of its own, as a command starts it."""
-    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS",)}
-    env.pop(VERBOSE_ENV, None)
+    env = {
+        key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", VERBOSE_ENV)
+    }
     completed = subprocess.run(
         [sys.executable, "-c", OWN_LINES_AFTER_RAY],
         capture_output=True,

@@ -4,7 +4,6 @@ table printed and the JSON written (issue 22)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -30,26 +29,18 @@ def test_make_gpu_check_runs_the_script_with_dry_run_and_the_output_folder():
     assert "benchmarks/gpu_check.py --out gpu_check" in real and "--dry-run" not in real
 
 
-def load_gpu_check():
-    """benchmarks/gpu_check.py as a module (benchmarks/ is no package)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(DRY_RUN_TIMEOUT_S)
 def test_gpu_check_dry_run_measures_every_step_and_writes_the_table(
-    tmp_path, ray_local, monkeypatch, capsys
+    tmp_path, ray_local, monkeypatch, capsys, load_benchmark
 ):
     """The dry run as on a cluster (RAY_ADDRESS: its `unet-ray train` subprocess and its
     segmentations join the session's Ray instead of starting two of their own)."""
     monkeypatch.setenv("RAY_ADDRESS", ray_local.get_runtime_context().gcs_address)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "gpu_check"
-    assert load_gpu_check().main(["--dry-run", "--out", str(out)]) == 0
+    assert load_benchmark("gpu_check").main(["--dry-run", "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     results = json.loads((out / "gpu_check.json").read_text())
     assert results["dry_run"] is True

@@ -6,7 +6,6 @@ tiffslide, zarr; ``writers``; ``prepared``; ``synth``) are imported by their own
 """
 
 from unet_ray.io.dsb import (
-    DSB_IMAGES_FOLDER,
     DSB_TRAIN_FOLDER,
     SAMPLE_IMAGE_PATTERN,
     ZIP_ENCRYPTED_FLAG,
@@ -16,7 +15,7 @@ from unet_ray.io.dsb import (
     ZIP_READ_GAP,
     DatasetError,
     SampleRef,
-    is_dsb_image,
+    list_dsb_images,
     list_dsb_samples,
     read_dsb_sample,
     write_dsb_sample,
@@ -69,7 +68,6 @@ from unet_ray.io.images import (
 )
 
 __all__ = [
-    "DSB_IMAGES_FOLDER",
     "DEFAULT_S3_REGION",
     "DSB_TRAIN_FOLDER",
     "DatasetError",
@@ -111,8 +109,8 @@ __all__ = [
     "is_file",
     "is_s3",
     "join_uri",
+    "list_dsb_images",
     "list_dsb_samples",
-    "is_dsb_image",
     "list_files",
     "make_dirs",
     "normalisation_range",

@@ -18,7 +18,7 @@ import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -49,7 +49,6 @@ ZIP_LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
 ZIP_ENCRYPTED_FLAG = 0x1
 ZIP_INDEX_CACHE_SIZE = 4  # zip archives whose sample index is kept in memory
 DSB_TRAIN_FOLDER = "stage1_train"
-DSB_IMAGES_FOLDER = "images"  # <id>/images/<id>.png
 SAMPLE_IMAGE_PATTERN = re.compile(
     r"^(?P<prefix>(?:.*/)?)(?P<id>[^/]+)/images/(?P=id)(?P<suffix>\.[A-Za-z]+)$"
 )
@@ -108,6 +107,22 @@ def list_dsb_samples(source: str) -> list[SampleRef]:
         return [SampleRef(source, sample_id) for sample_id in sorted(index)]
     if not is_s3(source) and not os.path.isdir(local_path(source)):
         raise DatasetError(f"{source}: no such folder or .zip file")
+    base, prefix, images = _folder_samples(source)
+    root = join_uri(base, prefix.rstrip("/")) if prefix else base
+    return [SampleRef(root, sample_id) for sample_id in sorted(images)]
+
+
+def list_dsb_images(source: str) -> list[str]:
+    """The image URIs (``<id>/images/<id>.png``, sorted by id) of the samples of a DSB2018-layout
+    folder or s3:// prefix, chosen as ``list_dsb_samples`` chooses them; their masks are not
+    listed. Raises ``DatasetError`` where there are none."""
+    base, prefix, images = _folder_samples(str(source))
+    return [join_uri(base, images[sample_id]) for sample_id in sorted(images)]
+
+
+def _folder_samples(source: str) -> tuple[str, str, dict[str, str]]:
+    """The base of a DSB2018-layout folder/prefix, the prefix below it holding the samples and
+    {sample_id: image path relative to the base}."""
     base = source.rstrip("/") if is_s3(source) else local_path(source)
     files = list_files(base, recursive=True)
     relative_paths = [uri[len(base) :].lstrip("/").replace(os.sep, "/") for uri in files]
@@ -115,8 +130,7 @@ def list_dsb_samples(source: str) -> list[SampleRef]:
     if not groups:
         raise _empty_dataset_error(source)
     prefix = _choose_sample_prefix({key: list(value) for key, value in groups.items()}, source)
-    root = join_uri(base, prefix.rstrip("/")) if prefix else base
-    return [SampleRef(root, sample_id) for sample_id in sorted(groups[prefix])]
+    return base, prefix, groups[prefix]
 
 
 def read_dsb_sample(
@@ -172,9 +186,7 @@ def write_dsb_sample(
         alpha = np.full(image.shape[:2] + (1,), UINT8_MAX, dtype=np.uint8)
         image = np.concatenate([image, alpha], axis=2)
     sample_uri = join_uri(root_uri, sample_id)
-    write_bytes_atomic(
-        join_uri(sample_uri, DSB_IMAGES_FOLDER, f"{sample_id}.png"), encode_png(image)
-    )
+    write_bytes_atomic(join_uri(sample_uri, "images", f"{sample_id}.png"), encode_png(image))
     for mask_id, value in zip(mask_ids, label_values, strict=True):
         mask = (labels == value).astype(np.uint8) * UINT8_MAX
         write_bytes_atomic(join_uri(sample_uri, "masks", f"{mask_id}.png"), encode_png(mask))
@@ -406,9 +418,3 @@ def _read_zip_sample(ref: SampleRef, allow_missing_masks: bool) -> tuple[np.ndar
     masks = [(f"{ref.source}:{mask.name}", contents[mask.name]) for mask in sample.masks]
     labels = _labels_from_masks(masks, image.shape[:2], ref, allow_missing_masks)
     return image, labels
-
-
-def is_dsb_image(uri: str) -> bool:
-    """Whether ``uri`` is a sample's image in the DSB2018 layout: ``<id>/images/<id>.<ext>``."""
-    path = PurePosixPath(uri)
-    return path.parent.name == DSB_IMAGES_FOLDER and path.stem == path.parent.parent.name

@@ -330,17 +330,16 @@ def list_inputs(input_uri: str) -> list[str]:
     if is_file(input_uri):
         return [str(input_uri)]
 
-    suffixes = io.IMAGE_SUFFIXES + SLIDE_SUFFIXES
-    found = io.list_files(input_uri, suffixes) or [
-        uri for uri in io.list_files(input_uri, suffixes, recursive=True) if io.is_dsb_image(uri)
-    ]
-    if not found:
+    found = io.list_files(input_uri, io.IMAGE_SUFFIXES + SLIDE_SUFFIXES)
+    if found:
+        return found
+    try:
+        return io.list_dsb_images(input_uri)
+    except io.DatasetError as error:
         raise FileNotFoundError(
-            f"no images ({', '.join(io.IMAGE_SUFFIXES)}) in {input_uri} nor in a DSB2018 "
-            f"layout below it (<id>/{io.DSB_IMAGES_FOLDER}/): give a folder, an s3:// prefix or "
-            "one image file"
-        )
-    return found
+            f"no images ({', '.join(io.IMAGE_SUFFIXES)}) in {input_uri} nor a DSB2018 layout "
+            f"below it ({error}): give a folder, an s3:// prefix or one image file"
+        ) from error
 
 
 def drop_own_outputs(inputs: list[str], input_uri: str, output_uri: str) -> list[str]:
